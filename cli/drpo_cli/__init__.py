@@ -1,0 +1,1 @@
+"""The drpo command line (``drpo --help``)."""

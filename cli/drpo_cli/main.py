@@ -1,0 +1,154 @@
+"""The ``drpo`` command line. Every command wraps a library call; nothing here the API cannot do."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.table import Table
+from typer.core import TyperGroup
+
+from drpo_core.errors import DrpoError
+
+console = Console()
+DEFAULT_RECIPE = Path(__file__).with_name("default.yaml")
+
+
+class _OneLineErrors(TyperGroup):
+    """Bad input becomes one line on stderr and exit code 2; ``--debug`` shows the traceback."""
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except DrpoError as error:
+            if ctx.meta.get("drpo.debug"):
+                raise
+            typer.echo(f"Error: {error}", err=True)
+            raise typer.Exit(2) from None
+
+
+app = typer.Typer(cls=_OneLineErrors, no_args_is_help=True, add_completion=False,
+                  help="Drifting Preference Optimization for one-step image generators.")
+config_app = typer.Typer(cls=_OneLineErrors, no_args_is_help=True, help="Show or check run configs.")
+app.add_typer(config_app, name="config")
+
+
+@app.callback()
+def _root(ctx: typer.Context,
+          debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks for errors.")] = False):
+    ctx.meta["drpo.debug"] = debug
+
+
+# -- run configuration options shared by train and config show ----------------------------------
+
+ConfigOpt = Annotated[Path | None, typer.Option("--config", "-c", help="YAML recipe (default: the toy world).")]
+GeneratorOpt = Annotated[str | None, typer.Option("--generator", help="Generator name.")]
+RankerOpt = Annotated[str | None, typer.Option("--ranker", help="Ranker NAME[:VARIANT].")]
+FeaturesOpt = Annotated[str | None, typer.Option("--features", help="Feature space name.")]
+KernelOpt = Annotated[str | None, typer.Option("--kernel", help="Kernel name.")]
+SetOpt = Annotated[list[str] | None, typer.Option("--set", help="dotted.key=value, repeatable; wins over all.")]
+OutputOpt = Annotated[str | None, typer.Option("--output-dir", help="Run directory.")]
+
+
+def _resolve(config, generator, ranker, features, kernel, assignments, output_dir):
+    from drpo_core.config import read_yaml, resolve_config
+
+    flags = {"generator": generator, "rankers": ranker, "features": features, "kernel": kernel,
+             "output_dir": output_dir}
+    base = None if config is not None else read_yaml(DEFAULT_RECIPE)
+    return resolve_config(config, base=base, flags=flags, assignments=assignments)
+
+
+@app.command()
+def train(config: ConfigOpt = None, generator: GeneratorOpt = None, ranker: RankerOpt = None,
+          features: FeaturesOpt = None, kernel: KernelOpt = None, assignments: SetOpt = None,
+          output_dir: OutputOpt = None,
+          resume: Annotated[str | None, typer.Option(help="Continue a run: 'latest' or a checkpoint path.")] = None,
+          dry_run: Annotated[bool, typer.Option("--dry-run", help="Build every component, print the plan.")] = False):
+    """Run DrPO (with no flags: the embedded toy-world default, a few minutes on a CPU)."""
+    from drpo_core.trainer import Trainer
+
+    resolved = _resolve(config, generator, ranker, features, kernel, assignments, output_dir)
+    trainer = Trainer(resolved, command_line=sys.argv, console=console)
+    if dry_run:
+        for line in trainer.plan():
+            console.print(line)
+        return
+    trainer.train(resume=resume)
+
+
+@config_app.command("show")
+def config_show(config: ConfigOpt = None, generator: GeneratorOpt = None, ranker: RankerOpt = None,
+                features: FeaturesOpt = None, kernel: KernelOpt = None, assignments: SetOpt = None,
+                output_dir: OutputOpt = None,
+                origins: Annotated[bool, typer.Option(help="Show where each value comes from.")] = True):
+    """Print the fully resolved config, each value with its origin."""
+    from drpo_core.config import _flatten
+
+    resolved = _resolve(config, generator, ranker, features, kernel, assignments, output_dir)
+    if not origins:
+        typer.echo(resolved.to_yaml())
+        return
+    table = Table("key", "value", "origin", box=None, pad_edge=False)
+    for key, value in _flatten(resolved.to_dict()).items():
+        table.add_row(key, json.dumps(value), resolved.origins.get(key, "default"))
+    console.print(table)
+
+
+@config_app.command("validate")
+def config_validate(file: Annotated[Path, typer.Argument(help="YAML recipe to check.")]):
+    """Check a recipe: syntax, types, ranges, plugin names and plugin options."""
+    from drpo_core.config import resolve_config
+
+    resolve_config(file)
+    typer.echo(f"{file}: valid")
+
+
+@app.command("list-plugins")
+def list_plugins(as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False):
+    """Every plugin, the components it registers, where it comes from, and its state."""
+    from drpo_core.registry import get_registry
+
+    rows = [_plugin_row(info) for info in get_registry().plugins]
+    if as_json:
+        typer.echo(json.dumps(rows, indent=2))
+        return
+    table = Table("plugin", "components", "distribution", "version", "state")
+    for row in rows:
+        parts = [f"{kind}: {', '.join(names)}" for kind, names in row["components"].items()]
+        state = row["state"] if row["error"] is None else f"{row['state']}: {row['error']}"
+        table.add_row(row["name"], "\n".join(parts) or "-", row["distribution"], row["version"], state)
+    console.print(table)
+
+
+def _plugin_row(info: Any) -> dict[str, Any]:
+    components: dict[str, list[str]] = {}
+    for kind, name in info.components:
+        components.setdefault(kind, []).append(name)
+    return {"name": info.name, "module": info.module, "distribution": info.distribution,
+            "version": info.version, "builtin": info.builtin, "state": info.state, "error": info.error,
+            "components": components}
+
+
+def _add_plugin_commands() -> None:
+    from drpo_core.registry import get_registry
+
+    try:
+        get_registry().add_commands(app)
+    except DrpoError as error:  # e.g. two plugins claiming one name: say so, keep the CLI usable
+        typer.echo(f"Error: {error}", err=True)
+
+
+_add_plugin_commands()
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

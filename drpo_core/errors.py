@@ -1,0 +1,17 @@
+"""Errors a user can fix. The CLI prints ``str(error)`` as one line and exits with code 2."""
+
+
+class DrpoError(Exception):
+    """Bad input: config, CLI arguments, plugin, data, or a component's output."""
+
+
+class ConfigError(DrpoError):
+    """The run configuration is invalid."""
+
+
+class PluginError(DrpoError):
+    """A plugin could not be found, loaded or built."""
+
+
+class ComponentError(DrpoError):
+    """A component misbehaved at run time (a ranker returned NaN or the wrong count, ...)."""

@@ -1,0 +1,126 @@
+"""The typed interfaces every drpo component implements (API version 1, frozen).
+
+Conventions shared by all components:
+
+* **Images** handed to rankers and pixel feature spaces are float tensors ``(B, 3, H, W)`` with
+  values in ``[0, 1]`` (RGB). ``drpo_core.images.to_pil`` converts them for rankers that want PIL.
+* **Latents** are the generator's own sample space, the tensor its one-step network produces and
+  regresses on. For Stable Diffusion generators this is the *scaled* latent (what the UNet sees,
+  i.e. ``vae.encode(x).latent_dist.mode() * scaling_factor``); ``decode`` divides by the factor.
+  For the toy world the latent *is* the image.
+* **Noise** is drawn by the training loop on the CPU from a generator keyed by
+  (run seed, global prompt index, candidate) with shape ``Generator.noise_shape``, then moved to
+  the generator's device. A generator never draws its own sampling noise, so samples do not
+  depend on the device or the number of processes.
+* **Particles**: a feature space returns ``{key: (B, T, D)}``: T vectors ("particles") of
+  dimension D per input. The drift field pools the particles of the K candidates of one prompt.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, Any, ClassVar, Literal, Protocol, runtime_checkable
+
+if TYPE_CHECKING:
+    import torch
+
+API_VERSION = 1
+
+
+class Generator(ABC):
+    """A one-step text-conditioned generator ``x = G_theta(noise, prompt)``."""
+
+    api_version: ClassVar[int] = API_VERSION
+    #: shape of one noise sample, without the batch dimension
+    noise_shape: tuple[int, ...]
+
+    @property
+    @abstractmethod
+    def device(self) -> torch.device: ...
+
+    @abstractmethod
+    def trainable_parameters(self) -> list[torch.nn.Parameter]:
+        """The parameters the optimizer updates (LoRA adapters, or all weights)."""
+
+    @abstractmethod
+    def sample(self, prompts: Sequence[str], noise: torch.Tensor) -> torch.Tensor:
+        """Latents for ``prompts[i]`` from ``noise[i]``; differentiable when grad is enabled."""
+
+    @abstractmethod
+    def reference(self, prompts: Sequence[str], noise: torch.Tensor) -> torch.Tensor:
+        """Latents of the frozen base generator on the same noise, without grad."""
+
+    @abstractmethod
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """Images ``(B, 3, H, W)`` in [0, 1]; differentiable when grad is enabled."""
+
+    @abstractmethod
+    def encode(self, images: torch.Tensor) -> torch.Tensor:
+        """Latents of images in [0, 1] (used by the offline drift source), without grad."""
+
+    @abstractmethod
+    def trainable_state_dict(self) -> dict[str, torch.Tensor]:
+        """The trainable weights, as saved in checkpoints (safetensors-compatible)."""
+
+    @abstractmethod
+    def load_trainable_state_dict(self, state: Mapping[str, torch.Tensor]) -> None: ...
+
+    def train(self, mode: bool = True) -> None:
+        """Switch dropout/normalisation layers; generators without any may ignore it."""
+
+    def enable_gradient_checkpointing(self) -> None:
+        """Trade compute for memory; generators without it may ignore it."""
+
+
+class Ranker(ABC):
+    """A black-box reward. Only the order of scores within a prompt's group is used."""
+
+    api_version: ClassVar[int] = API_VERSION
+    #: scores are 0/1 correctness (GenEval style): the loop uses the binary rollout
+    binary: ClassVar[bool] = False
+    #: the score can be back-propagated (for gradient baselines; DrPO never does)
+    differentiable: ClassVar[bool] = False
+
+    @abstractmethod
+    def score(
+        self,
+        images: torch.Tensor,
+        prompts: Sequence[str],
+        metadata: Sequence[Mapping[str, Any] | None],
+    ) -> torch.Tensor:
+        """One float per image, shape ``(B,)``; called under ``torch.no_grad()``."""
+
+
+class FeatureSpace(ABC):
+    """A frozen feature map phi; differentiable with respect to its input."""
+
+    api_version: ClassVar[int] = API_VERSION
+    #: what ``features`` takes: the generator's latents or decoded images in [0, 1]
+    input: ClassVar[Literal["latents", "images"]] = "latents"
+
+    @abstractmethod
+    def features(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        """``{key: (B, T, D)}`` particle sets for a batch of B latents or images."""
+
+    def to(self, device: torch.device | str) -> FeatureSpace:
+        return self
+
+
+@runtime_checkable
+class Kernel(Protocol):
+    """Pairwise kernel logits between generated particles and targets (larger = closer).
+
+    ``dist`` (B, N, J) are Euclidean distances between ``x`` (B, N, D) and ``targets`` (B, J, D),
+    ``scale`` (B, 1, 1) is the weighted mean distance s of the drift field, ``radius`` the
+    relative temperature r.
+    """
+
+    def __call__(
+        self,
+        dist: torch.Tensor,
+        scale: torch.Tensor,
+        radius: float,
+        x: torch.Tensor,
+        targets: torch.Tensor,
+    ) -> torch.Tensor: ...

@@ -1,0 +1,119 @@
+"""From ranker scores to anchors: combine the rankers of one prompt's K candidates, pick positives/negatives.
+
+DrPO only uses the order of the scores within a prompt's group (method.md §3 steps 5-6, §7.1, §7.4):
+
+* ``combine_scores``: per prompt z-score of each ranker (population std clamped at 1e-6), weights
+  normalised to sum 1, weighted sum (the official ``score_reward_ensemble``); or an average of ranks.
+* ``select_top_bottom``: hard top-M positives / bottom-M negatives by count.
+* ``select_binary``: 0/1 rankers (GenEval): random correct positives and incorrect negatives.
+
+Tie rule: among equal combined scores the lower candidate index counts as better, so a tie at the top
+boundary picks the lower index as positive and a tie at the bottom boundary the higher index as negative.
+Scores are combined in float64 so that rounding does not create ties the rankers did not make.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+STD_FLOOR = 1e-6
+
+
+def _normalised_weights(weights: Sequence[float] | None, count: int) -> list[float]:
+    weights = [1.0] * count if weights is None else [float(w) for w in weights]
+    if len(weights) != count:
+        raise ValueError(f"{count} score tensors but {len(weights)} weights")
+    if any(w < 0 for w in weights) or sum(weights) <= 0:
+        raise ValueError(f"weights must be non-negative with a positive sum, got {weights}")
+    total = sum(weights)
+    return [w / total for w in weights]
+
+
+def zscore(scores: Tensor) -> Tensor:
+    """(r - mean) / max(std_pop, 1e-6) over the K candidates of each prompt, (B, K)."""
+    mean = scores.mean(dim=-1, keepdim=True)
+    std = scores.std(dim=-1, correction=0, keepdim=True).clamp_min(STD_FLOOR)
+    return (scores - mean) / std
+
+
+def average_rank(scores: Tensor) -> Tensor:
+    """Rank 0..K-1 of each candidate within its prompt (higher score, higher rank); ties share their mean rank."""
+    less = (scores.unsqueeze(-1) > scores.unsqueeze(-2)).sum(-1)  # candidates strictly below
+    equal = (scores.unsqueeze(-1) == scores.unsqueeze(-2)).sum(-1)  # includes itself
+    return less.to(scores.dtype) + (equal.to(scores.dtype) - 1) / 2
+
+
+def combine_scores(scores: Sequence[Tensor], weights: Sequence[float] | None = None,
+                   method: str = "zscore") -> Tensor:
+    """Weighted combination of several rankers' scores (each (B, K)) into one float64 score per candidate.
+
+    ``method``: "zscore" (official), "rank" (average of per-ranker average ranks) or "none" (raw weighted sum).
+    With one ranker every method preserves the order of its scores.
+    """
+    if len(scores) == 0:
+        raise ValueError("no scores to combine")
+    transforms = {"zscore": zscore, "rank": average_rank, "none": lambda r: r}
+    if method not in transforms:
+        raise ValueError(f"method must be one of {sorted(transforms)}, got {method!r}")
+    weights = _normalised_weights(weights, len(scores))
+    combined = None
+    for w, r in zip(weights, scores, strict=True):
+        r = r.detach().to(torch.float64)
+        if r.dim() != 2 or torch.isnan(r).any():
+            raise ValueError(f"scores must be (B, K) without NaN, got shape {tuple(r.shape)}")
+        term = w * transforms[method](r)
+        combined = term if combined is None else combined + term
+    return combined
+
+
+def select_top_bottom(scores: Tensor, num_positives: int, num_negatives: int) -> tuple[Tensor, Tensor]:
+    """Indices (B, Mp) of the top-Mp candidates, best first, and (B, Mn) of the bottom-Mn, worst first.
+
+    Ties: the lower candidate index counts as better (stable sort). Raises when Mp + Mn > K.
+    """
+    K = scores.shape[-1]
+    if num_positives < 0 or num_negatives < 0 or num_positives + num_negatives > K:
+        raise ValueError(f"cannot pick {num_positives} positives and {num_negatives} negatives out of {K}")
+    if torch.isnan(scores).any():
+        raise ValueError("scores contain NaN")
+    # stable descending sort keeps equal scores in index order: best (high score, low index) first
+    order = torch.sort(scores, dim=-1, descending=True, stable=True).indices
+    positives = order[:, :num_positives]
+    negatives = order.flip(-1)[:, :num_negatives]
+    return positives, negatives
+
+
+def selection_seed(run_seed: int, step: int, prompt_index: int, round_index: int) -> int:
+    """A stable 63-bit seed of (run seed, step, prompt, rollout round): blake2b, not Python's salted hash()."""
+    message = f"drpo-select:{run_seed}:{step}:{prompt_index}:{round_index}".encode()
+    return int.from_bytes(hashlib.blake2b(message, digest_size=8).digest(), "little") & (2**63 - 1)
+
+
+def select_binary(correct: Tensor, num_positives: int, num_negatives: int,
+                  seeds: Sequence[int]) -> tuple[Tensor, Tensor, Tensor]:
+    """Random ``num_positives`` correct and ``num_negatives`` incorrect candidates per prompt (GenEval rollout).
+
+    ``correct`` (B, K) bool, one seed per prompt (see ``selection_seed``). Returns positives (B, Mp),
+    negatives (B, Mn) as ascending candidate indices, and ``ok`` (B,): False where a prompt lacks enough of
+    either (its rows are filled with 0 and must be skipped).
+    """
+    B, K = correct.shape
+    if len(seeds) != B:
+        raise ValueError(f"{B} prompts but {len(seeds)} seeds")
+    correct = correct.detach().cpu().bool()
+    positives = torch.zeros(B, num_positives, dtype=torch.long)
+    negatives = torch.zeros(B, num_negatives, dtype=torch.long)
+    ok = torch.zeros(B, dtype=torch.bool)
+    for b in range(B):  # prompts, not particles: B is small
+        generator = torch.Generator().manual_seed(int(seeds[b]))
+        order = torch.randperm(K, generator=generator)  # a random order; take the first of each class
+        good, bad = order[correct[b, order]], order[~correct[b, order]]
+        if len(good) >= num_positives and len(bad) >= num_negatives:
+            positives[b] = good[:num_positives].sort().values
+            negatives[b] = bad[:num_negatives].sort().values
+            ok[b] = True
+    return positives, negatives, ok

@@ -1,0 +1,280 @@
+"""Drift sources: where the positive and negative anchors of a prompt come from.
+
+* ``online`` (the paper): rank the prompt's own K candidates; the top-M are positives, the bottom-M
+  negatives (detached). With binary rankers (0/1 correctness, GenEval style) the rollout of
+  method.md §7.4 runs: up to R rounds of K no-grad candidates until M correct and M incorrect ones
+  are found, else the prompt is skipped. The K candidates of the first round are the trainable
+  particles in every case; later rounds only supply anchors. (The official code instead trains on
+  the kept candidates minus the negatives, i.e. on the positives only; we keep all K trainable so
+  every candidate is pushed toward correct samples and away from incorrect ones.)
+* ``offline``: JSONL rows ``{"prompt", "chosen": path|[paths], "rejected": path|[paths]}`` with
+  paths relative to the file; the images are encoded by the generator into its space and used as
+  positives and negatives (method.md §9).
+* ``data``: real samples as positives and no negative anchors: the generated particles themselves
+  (the weight-1 block of the field) are the repulsion, as in drifting-model training. The toy
+  world pretrains its base generator this way.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+from PIL import Image
+
+from drpo_core.errors import ComponentError, DrpoError
+from drpo_core.ranking import combine_scores, select_binary, select_top_bottom, selection_seed
+
+Features = dict[str, torch.Tensor]
+
+
+@dataclass
+class Anchors:
+    """Anchor particle sets for B prompts; ``keep[b]`` False when prompt b is skipped."""
+
+    positives: Features
+    negatives: Features
+    keep: torch.Tensor
+    skips: dict[str, int] = field(default_factory=dict)
+    stats: dict[str, float] = field(default_factory=dict)
+
+
+class Candidates(Protocol):
+    """What the loop hands a source: the prompts' first-round candidates and helpers."""
+
+    records: Sequence[Any]
+    indices: Sequence[int]
+    latents: torch.Tensor  # (B*K, ...) detached
+    features: Features  # {key: (B*K, T, D)} detached
+    step: int
+
+    def score(self, latents: torch.Tensor, records: Sequence[Any]) -> tuple[torch.Tensor, torch.Tensor]: ...
+    def rollout(self, b: int, round_index: int) -> torch.Tensor: ...
+    def featurise(self, latents: torch.Tensor) -> Features: ...
+
+
+def gather(features: Features, index: torch.Tensor, k: int) -> Features:
+    """Pick candidates ``index`` (B, M) from per-candidate features (B*K, T, D) -> (B, M*T, D)."""
+    out = {}
+    for key, value in features.items():
+        per_prompt = value.reshape(-1, k, *value.shape[1:])
+        picked = torch.stack([per_prompt[b, index[b]] for b in range(index.shape[0])])
+        out[key] = picked.reshape(picked.shape[0], -1, picked.shape[-1])
+    return out
+
+
+class OnlineSource:
+    def __init__(self, rankers: Sequence[tuple[str, Any, float]], *, positives: int, negatives: int,
+                 combine: str, rollout_rounds: int, seed: int):
+        self.rankers = rankers
+        self.positives, self.negatives = positives, negatives
+        self.combine, self.rollout_rounds, self.seed = combine, rollout_rounds, seed
+        binary = {bool(getattr(ranker, "binary", False)) for _, ranker, _ in rankers}
+        if len(binary) > 1:
+            raise DrpoError("rankers: binary rankers (0/1) cannot be mixed with graded ones in one run")
+        self.binary = binary.pop()
+
+    def anchors(self, batch: Candidates, k: int) -> Anchors:
+        scores, ok = batch.score(batch.latents, batch.records)  # (B, K), (B,)
+        if self.binary:
+            return self._binary(batch, scores, ok, k)
+        pos, neg = select_top_bottom(scores, self.positives, self.negatives)
+        anchors = Anchors(gather(batch.features, pos, k), gather(batch.features, neg, k), ok)
+        anchors.skips = {"failure": int((~ok).sum())}
+        kept = ok.nonzero().flatten()
+        if len(kept):
+            anchors.stats = {
+                "score_positives": float(scores[kept].gather(1, pos[kept]).mean()),
+                "score_negatives": float(scores[kept].gather(1, neg[kept]).mean()),
+                "score_mean": float(scores[kept].mean()),
+            }
+        return anchors
+
+    def _binary(self, batch: Candidates, scores: torch.Tensor, ok: torch.Tensor, k: int) -> Anchors:
+        """Method.md §7.4: extend each prompt's pool by no-grad rounds until M correct and M wrong."""
+        pools_x = [list(batch.latents.reshape(-1, k, *batch.latents.shape[1:])[b]) for b in range(len(ok))]
+        pools_s = [list(scores[b]) for b in range(len(ok))]
+        for b in range(len(ok)):
+            round_index = 1
+            while ok[b] and not self._enough(pools_s[b]) and round_index < self.rollout_rounds:
+                extra = batch.rollout(b, round_index)
+                extra_scores, extra_ok = batch.score(extra, [batch.records[b]])
+                ok[b] = ok[b] & extra_ok[0]
+                pools_x[b] += list(extra)
+                pools_s[b] += list(extra_scores[0])
+                round_index += 1
+        positives, negatives, keep = {}, {}, torch.zeros(len(ok), dtype=torch.bool)
+        skips = {"failure": int((~ok).sum()), "rollout": 0}
+        chosen_pos, chosen_neg = [], []
+        for b in range(len(ok)):
+            correct = torch.stack(pools_s[b]) >= 0.5
+            seed = selection_seed(self.seed, batch.step, batch.indices[b], 0)
+            pos, neg, enough = select_binary(correct[None], self.positives, self.negatives, [seed])
+            if not ok[b]:
+                continue
+            if not enough[0]:
+                skips["rollout"] += 1
+                continue
+            keep[b] = True
+            pool = torch.stack(pools_x[b])
+            chosen_pos.append(pool[pos[0]])
+            chosen_neg.append(pool[neg[0]])
+        if keep.any():
+            positives = _per_prompt(batch.featurise(torch.cat(chosen_pos)), self.positives)
+            negatives = _per_prompt(batch.featurise(torch.cat(chosen_neg)), self.negatives)
+        anchors = Anchors(_scatter(positives, keep), _scatter(negatives, keep), keep, skips)
+        anchors.stats = {"accuracy": float(scores[ok].float().mean()) if ok.any() else float("nan")}
+        return anchors
+
+    def _enough(self, scores: list[torch.Tensor]) -> bool:
+        correct = int((torch.stack(scores) >= 0.5).sum())
+        return correct >= self.positives and len(scores) - correct >= self.negatives
+
+
+def _per_prompt(features: Features, m: int) -> Features:
+    return {key: value.reshape(-1, m * value.shape[1], value.shape[-1]) for key, value in features.items()}
+
+
+def _scatter(features: Features, keep: torch.Tensor) -> Features:
+    """Place the kept prompts' anchors at their batch positions (zeros for skipped prompts)."""
+    out = {}
+    for key, value in features.items():
+        full = value.new_zeros(len(keep), *value.shape[1:])
+        full[keep] = value
+        out[key] = full
+    return out
+
+
+def load_image(path: Path, size: tuple[int, int] | None = None) -> torch.Tensor:
+    """An image file as a (3, H, W) float tensor in [0, 1], resized and centre-cropped to ``size``."""
+    try:
+        image = Image.open(path).convert("RGB")
+    except (OSError, ValueError) as error:
+        raise DrpoError(f"cannot read image {path}: {error}") from error
+    if size is not None and image.size != (size[1], size[0]):
+        scale = max(size[1] / image.width, size[0] / image.height)
+        image = image.resize((round(image.width * scale), round(image.height * scale)), Image.BILINEAR)
+        left, top = (image.width - size[1]) // 2, (image.height - size[0]) // 2
+        image = image.crop((left, top, left + size[1], top + size[0]))
+    return torch.from_numpy(np.asarray(image, dtype=np.float32) / 255.0).permute(2, 0, 1)
+
+
+def read_pairs(path: str | Path) -> dict[str, dict[str, list[Path]]]:
+    """Offline JSONL -> {prompt: {"chosen": [paths], "rejected": [paths]}} (paths checked)."""
+    path = Path(path)
+    if not path.is_file():
+        raise DrpoError(f"source.path: offline pairs file not found: {path}")
+    pairs: dict[str, dict[str, list[Path]]] = {}
+    for number, line in enumerate(path.read_text().splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as error:
+            raise DrpoError(f"{path}:{number}: invalid JSON: {error.msg}") from None
+        for key in ("prompt", "chosen", "rejected"):
+            if key not in row:
+                raise DrpoError(f"{path}:{number}: missing key {key!r}")
+        entry = pairs.setdefault(row["prompt"], {"chosen": [], "rejected": []})
+        for key in ("chosen", "rejected"):
+            for item in [row[key]] if isinstance(row[key], str) else row[key]:
+                image_path = path.parent / item
+                if not image_path.is_file():
+                    raise DrpoError(f"{path}:{number}: {key} image not found: {item}")
+                entry[key].append(image_path)
+    if not pairs:
+        raise DrpoError(f"{path}: no pairs in the file")
+    return pairs
+
+
+class OfflineSource:
+    """Static chosen/rejected images as anchors (method.md §9); one prompt per micro-batch row."""
+
+    def __init__(self, path: str | Path, encode: Callable[[torch.Tensor], torch.Tensor],
+                 image_size: tuple[int, int]):
+        self.pairs = read_pairs(path)
+        self.encode, self.image_size = encode, image_size
+        self._cache: dict[Path, torch.Tensor] = {}
+
+    def prompts(self) -> list[str]:
+        return list(self.pairs)
+
+    def _latents(self, paths: list[Path]) -> torch.Tensor:
+        missing = [p for p in paths if p not in self._cache]
+        if missing:
+            images = torch.stack([load_image(p, self.image_size) for p in missing])
+            for p, latent in zip(missing, self.encode(images), strict=True):
+                self._cache[p] = latent.detach()
+        return torch.stack([self._cache[p] for p in paths])
+
+    def anchors(self, batch: Candidates, k: int) -> Anchors:
+        if len(batch.records) != 1:
+            raise DrpoError("source.kind offline: set train.prompts_per_step to 1 (anchor counts differ)")
+        entry = self.pairs.get(batch.records[0].text)
+        if entry is None:
+            raise DrpoError(f"offline source: no pairs for prompt {batch.records[0].text!r}")
+        positives = _per_prompt(batch.featurise(self._latents(entry["chosen"])), len(entry["chosen"]))
+        negatives = _per_prompt(batch.featurise(self._latents(entry["rejected"])), len(entry["rejected"]))
+        return Anchors(positives, negatives, torch.ones(1, dtype=torch.bool))
+
+
+class DataSampler(Protocol):
+    """Real samples for a prompt: ``sample(record, n, seed) -> images (n, 3, H, W) in [0, 1]``."""
+
+    def sample(self, record: Any, n: int, seed: int) -> torch.Tensor: ...
+
+
+class ImageFolderSampler:
+    """Real samples from a JSONL of ``{"prompt", "images": [paths]}`` (paths relative to the file)."""
+
+    def __init__(self, path: str | Path, image_size: tuple[int, int]):
+        path = Path(path)
+        if not path.is_file():
+            raise DrpoError(f"source.path: data file not found: {path}")
+        self.images: dict[str, list[Path]] = {}
+        for number, line in enumerate(path.read_text().splitlines(), start=1):
+            if line.strip():
+                try:
+                    row = json.loads(line)
+                    self.images.setdefault(row["prompt"], []).extend(path.parent / p for p in row["images"])
+                except (json.JSONDecodeError, KeyError, TypeError) as error:
+                    raise DrpoError(f"{path}:{number}: expected {{'prompt', 'images'}}: {error}") from None
+        self.image_size = image_size
+
+    def sample(self, record: Any, n: int, seed: int) -> torch.Tensor:
+        paths = self.images.get(record.text)
+        if not paths:
+            raise DrpoError(f"data source: no images for prompt {record.text!r}")
+        pick = torch.randint(len(paths), (n,), generator=torch.Generator().manual_seed(seed))
+        return torch.stack([load_image(paths[i], self.image_size) for i in pick.tolist()])
+
+
+class DataSource:
+    def __init__(self, sampler: DataSampler, encode: Callable[[torch.Tensor], torch.Tensor], positives: int,
+                 seed: int):
+        self.sampler, self.encode, self.positives, self.seed = sampler, encode, positives, seed
+
+    def anchors(self, batch: Candidates, k: int) -> Anchors:
+        real = [self.sampler.sample(r, self.positives, selection_seed(self.seed, batch.step, i, 0))
+                for r, i in zip(batch.records, batch.indices, strict=True)]
+        latents = self.encode(torch.cat(real).to(batch.latents.device))
+        positives = _per_prompt(batch.featurise(latents), self.positives)
+        empty = {key: value[:, :0] for key, value in positives.items()}
+        return Anchors(positives, empty, torch.ones(len(batch.records), dtype=torch.bool))
+
+
+def check_scores(scores: Any, expected: int, name: str) -> torch.Tensor:
+    """A ranker's output as a float tensor of ``expected`` values, or one clear error."""
+    scores = torch.as_tensor(scores, dtype=torch.float32).detach().cpu().flatten()
+    if scores.numel() != expected:
+        raise ComponentError(f"ranker {name!r} returned {scores.numel()} scores for {expected} images")
+    return scores
+
+
+def summarise_skips(skips: Mapping[str, int]) -> dict[str, int]:
+    return {f"skip_{reason}": count for reason, count in skips.items()}

@@ -1,0 +1,162 @@
+"""Test helpers for drpo and for plugin authors.
+
+Use them from a test suite with ``pytest_plugins = ["drpo_core.testing"]``:
+
+* ``isolated_registry`` fixture: a registry holding the built-in kernels, the fakes below and only
+  the plugins you add (``isolated_registry.register_module(my_plugin)``); installed plugins are
+  not picked up, and the process-wide registry is restored afterwards.
+* ``TinyGenerator``: a one-step generator of 8x8 RGB images from an 8x8 noise map with a
+  per-prompt bias (a few hundred parameters); latents are images, reference is a frozen copy.
+* ``BrightnessRanker`` / ``BrokenRanker`` and ``PixelFeatures``.
+
+The fakes register under the names ``tiny`` (generator), ``tiny-brightness`` and ``tiny-broken``
+(rankers) and ``tiny-pixels`` (feature space).
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Literal
+
+import pytest
+import torch
+from pydantic import BaseModel, ConfigDict
+
+from drpo_core.hookspecs import hookimpl
+from drpo_core.interfaces import FeatureSpace, Generator, Ranker
+from drpo_core.registry import Registry, get_registry, registry_from, set_registry
+
+PROMPT_SLOTS = 64
+
+
+def _slot(prompt: str) -> int:
+    return int.from_bytes(hashlib.sha256(prompt.encode()).digest()[:4], "little") % PROMPT_SLOTS
+
+
+class _TinyNet(torch.nn.Module):
+    def __init__(self, size: int):
+        super().__init__()
+        self.mix = torch.nn.Conv2d(3, 3, kernel_size=3, padding=1)
+        self.prompt_bias = torch.nn.Embedding(PROMPT_SLOTS, 3)
+        torch.nn.init.zeros_(self.prompt_bias.weight)
+
+    def forward(self, noise: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+        return torch.sigmoid(self.mix(noise) + self.prompt_bias(slots)[:, :, None, None])
+
+
+class TinyGenerator(Generator):
+    def __init__(self, size: int = 8, seed: int = 0):
+        torch.manual_seed(seed)
+        self.noise_shape = (3, size, size)
+        self.net = _TinyNet(size)
+        self.base = copy.deepcopy(self.net).requires_grad_(False)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.net.parameters()).device
+
+    def _slots(self, prompts: Sequence[str]) -> torch.Tensor:
+        return torch.tensor([_slot(p) for p in prompts], device=self.device)
+
+    def trainable_parameters(self):
+        return list(self.net.parameters())
+
+    def sample(self, prompts, noise):
+        return self.net(noise, self._slots(prompts))
+
+    def reference(self, prompts, noise):
+        with torch.no_grad():
+            return self.base(noise, self._slots(prompts))
+
+    def decode(self, latents):
+        return latents.clamp(0, 1)
+
+    def encode(self, images):
+        return images.clamp(0, 1)
+
+    def trainable_state_dict(self):
+        return {k: v.detach().clone() for k, v in self.net.state_dict().items()}
+
+    def load_trainable_state_dict(self, state: Mapping[str, torch.Tensor]):
+        self.net.load_state_dict(dict(state))
+
+
+class BrightnessRanker(Ranker):
+    def score(self, images, prompts, metadata):
+        return images.float().mean(dim=(1, 2, 3)).cpu()
+
+
+class BrokenRanker(Ranker):
+    """Misbehaves on purpose: ``nan`` scores, the ``wrong-count``, or ``raise``."""
+
+    def __init__(self, mode: str):
+        self.mode = mode
+
+    def score(self, images, prompts, metadata):
+        if self.mode == "raise":
+            raise RuntimeError("scorer crashed")
+        if self.mode == "wrong-count":
+            return torch.zeros(len(images) + 1)
+        return torch.full((len(images),), float("nan"))
+
+
+class PixelFeatures(FeatureSpace):
+    """Channel means (one particle) and 2x2-pooled pixels (one particle per cell)."""
+
+    input = "latents"
+
+    def features(self, x):
+        pooled = torch.nn.functional.avg_pool2d(x.float(), 2)
+        return {"mean": x.float().mean(dim=(2, 3))[:, None, :], "cells": pooled.flatten(2).transpose(1, 2)}
+
+
+class TinyOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    size: int = 8
+
+
+class BrokenOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    mode: Literal["nan", "wrong-count", "raise"] = "nan"
+
+
+class _FakesPlugin:
+    """The fakes, registered through the same hooks as any plugin."""
+
+    @hookimpl
+    def drpo_register_generators(self, register):
+        register("tiny", lambda o, c: TinyGenerator(o.size, c.seed), options=TinyOptions,
+                 summary="8x8 test generator")
+
+    @hookimpl
+    def drpo_register_rankers(self, register):
+        register("tiny-brightness", lambda o, c: BrightnessRanker(), summary="mean pixel value")
+        register("tiny-broken", lambda o, c: BrokenRanker(o.mode), options=BrokenOptions)
+
+    @hookimpl
+    def drpo_register_features(self, register):
+        register("tiny-pixels", lambda o, c: PixelFeatures(), summary="channel means and pooled pixels")
+
+
+fakes_plugin = _FakesPlugin()
+
+
+def make_registry(*plugins: object) -> Registry:
+    """Built-in kernels and latent features, the fakes, and ``plugins``; nothing else installed."""
+    import drpo_kernels
+    import drpo_latent
+
+    return registry_from([drpo_kernels, drpo_latent, fakes_plugin, *plugins])
+
+
+@pytest.fixture
+def isolated_registry() -> Iterator[Registry]:
+    previous = get_registry.__globals__["_default"]
+    registry = make_registry()
+    set_registry(registry)
+    try:
+        yield registry
+    finally:
+        set_registry(previous)

@@ -1,0 +1,490 @@
+"""The DrPO training loop, top to bottom.
+
+One optimizer step = ``grad_accum`` micro-batches of ``prompts_per_step`` prompts. Per prompt:
+
+1. K noises from CPU generators keyed by (run seed, global prompt index, candidate);
+2. the K candidates (no grad) and the frozen reference on the same noises (no grad);
+3. decode without grad, rank, select anchors (the drift source);
+4. features of candidates, anchors and reference, then the detached drift targets;
+5. the generator and features again *with* grad, in chunks of ``candidate_chunk`` candidates
+   (the target is detached and the loss separates per candidate, so chunks add up exactly),
+   regression onto the targets, backward into the generator's trainable parameters only.
+
+Library use::
+
+    from drpo_core.config import resolve_config
+    from drpo_core.trainer import Trainer
+    summary = Trainer(resolve_config("recipe.yaml")).train()
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import platform
+import signal
+import subprocess
+from collections import deque
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from rich.console import Console
+
+from drpo_core import checkpoint as ckpt
+from drpo_core.config import ResolvedConfig, resolve_path
+from drpo_core.context import BuildContext
+from drpo_core.drift import DriftEstimator
+from drpo_core.errors import ComponentError, DrpoError
+from drpo_core.evaluation import Evaluator
+from drpo_core.metrics import MetricsLog, StepTimer
+from drpo_core.prompts import PromptRecord, PromptStream, load_prompts, split_prompts
+from drpo_core.ranking import combine_scores
+from drpo_core.registry import Registry, get_registry
+from drpo_core.sources import (
+    DataSampler,
+    DataSource,
+    ImageFolderSampler,
+    OfflineSource,
+    OnlineSource,
+    check_scores,
+    summarise_skips,
+)
+
+
+def noise_seed(run_seed: int, prompt_index: int, candidate: int) -> int:
+    digest = hashlib.sha256(f"drpo-noise:{run_seed}:{prompt_index}:{candidate}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+
+
+def make_noise(shape: Sequence[int], run_seed: int, prompt_index: int, candidates: range) -> torch.Tensor:
+    """Noise drawn on the CPU, so samples do not depend on the device or the process count."""
+    return torch.stack([
+        torch.randn(tuple(shape), generator=torch.Generator().manual_seed(noise_seed(run_seed, prompt_index, c)))
+        for c in candidates
+    ])
+
+
+@dataclass
+class _Batch:
+    """One micro-batch's candidates, handed to the drift source (see ``sources.Candidates``)."""
+
+    trainer: Trainer
+    records: list[PromptRecord]
+    indices: list[int]
+    noise: torch.Tensor  # (B*K, ...)
+    latents: torch.Tensor  # (B*K, ...) detached
+    features: dict[str, torch.Tensor]
+    step: int
+
+    def score(self, latents, records):
+        return self.trainer.score(latents, records)
+
+    def rollout(self, b: int, round_index: int) -> torch.Tensor:
+        k = self.trainer.k
+        noise = make_noise(self.trainer.generator.noise_shape, self.trainer.cfg.seed, self.indices[b],
+                           range(round_index * k, (round_index + 1) * k)).to(self.trainer.device)
+        with torch.no_grad(), self.trainer.accelerator.autocast():
+            return self.trainer.generator.sample([self.records[b].text] * k, noise).float()
+
+    def featurise(self, latents):
+        with torch.no_grad():
+            return self.trainer.featurise(latents)
+
+
+class Trainer:
+    def __init__(self, resolved: ResolvedConfig, *, registry: Registry | None = None,
+                 command_line: Sequence[str] | None = None, console: Console | None = None,
+                 data_sampler: DataSampler | None = None):
+        from accelerate import Accelerator
+
+        self.resolved, self.cfg = resolved, resolved.config
+        self.registry = registry or get_registry()
+        self.command_line = list(command_line or [])
+        self.console = console or Console()
+        self.run_dir = Path(self.cfg.output_dir)
+        train = self.cfg.train
+        self.accelerator = Accelerator(
+            mixed_precision=train.mixed_precision, cpu=train.device == "cpu",
+            log_with=self.cfg.log.trackers or None, project_dir=str(self.run_dir),
+        )
+        self.device = self.accelerator.device if train.device in ("auto", "cpu") else torch.device(train.device)
+        self.k = self.cfg.selection.candidates
+        self._build_components(data_sampler)
+        self._build_prompts()
+
+    # -- setup -----------------------------------------------------------------------------
+
+    def _build_components(self, data_sampler: DataSampler | None) -> None:
+        cfg, build = self.cfg, self.registry.build
+        context = BuildContext(device=str(self.device), mixed_precision=cfg.train.mixed_precision,
+                               seed=cfg.seed, config_dir=self.resolved.config_dir)
+        self.generator = build("generator", cfg.generator.name, cfg.generator.options, context, "generator")
+        if cfg.train.gradient_checkpointing:
+            self.generator.enable_gradient_checkpointing()
+        self.features = build("feature", cfg.features.name, cfg.features.options, context, "features")
+        self.features = self.features.to(self.device)
+        self.rankers = [(r.name, build("ranker", r.name, r.options, context, f"rankers.{i}"), r.weight)
+                        for i, r in enumerate(cfg.rankers)]
+        self.eval_rankers = [(r.name, build("ranker", r.name, r.options, context, f"eval.rankers.{i}"), r.weight)
+                             for i, r in enumerate(cfg.eval.rankers)]
+        kernel = build("kernel", cfg.kernel.name, cfg.kernel.options, context, "kernel")
+        drift = cfg.drift
+        self.estimator = DriftEstimator(
+            kernel, radii=tuple(drift.radii), positive_weight=drift.positive_weight,
+            negative_weight=drift.negative_weight, ref_lambda=drift.ref_lambda,
+            ref_positive_weight=drift.ref_positive_weight, ref_negative_weight=drift.ref_negative_weight,
+            ref_radii=tuple(drift.ref_radii) if drift.ref_radii else None, aggregation=drift.aggregation,
+        )
+        self.binary = all(getattr(ranker, "binary", False) for _, ranker, _ in self.rankers)
+        self.source = self._build_source(data_sampler)
+        params = self.generator.trainable_parameters()
+        if not params:
+            raise DrpoError(f"generator {cfg.generator.name!r} has no trainable parameters")
+        optimizer = torch.optim.AdamW(params, lr=cfg.train.lr, betas=cfg.train.betas,
+                                      weight_decay=cfg.train.weight_decay, eps=cfg.train.eps)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, self._lr_factor)
+        self.optimizer, self.scheduler = self.accelerator.prepare(optimizer, scheduler)
+        self.ema = [p.detach().clone() for p in params] if cfg.train.ema_decay else None
+
+    def _build_source(self, data_sampler: DataSampler | None):
+        cfg = self.cfg
+        image_size = tuple(self._probe_image().shape[-2:])
+        if cfg.source.kind == "offline":
+            return OfflineSource(self._path(cfg.source.path), self.generator.encode, image_size)
+        if cfg.source.kind == "data":
+            sampler = data_sampler or ImageFolderSampler(self._path(cfg.source.path), image_size)
+            return DataSource(sampler, self.generator.encode, cfg.selection.positives, cfg.seed)
+        return OnlineSource(self.rankers, positives=cfg.selection.positives,
+                            negatives=cfg.selection.negatives, combine=cfg.selection.combine,
+                            rollout_rounds=cfg.selection.rollout_rounds, seed=cfg.seed)
+
+    def _probe_image(self) -> torch.Tensor:
+        noise = make_noise(self.generator.noise_shape, 0, 0, range(1)).to(self.device)
+        with torch.no_grad():
+            return self.generator.decode(self.generator.reference(["probe"], noise))
+
+    def _path(self, path: str) -> Path:
+        return resolve_path(path, self.resolved.config_dir)
+
+    def _build_prompts(self) -> None:
+        p = self.cfg.prompts
+        if p.path is None and isinstance(self.source, OfflineSource):
+            records = [PromptRecord(text, None) for text in self.source.prompts()]
+        elif p.path is None:
+            raise DrpoError("prompts.path: required (a prompt file, or pkg://package/file)")
+        else:
+            records = load_prompts(self._path(p.path), p.format)
+        if p.eval_path:
+            self.train_prompts, self.eval_prompts = records, load_prompts(self._path(p.eval_path), p.format)
+        else:
+            self.train_prompts, self.eval_prompts = split_prompts(records, eval_count=p.eval_count,
+                                                                  seed=self.cfg.seed)
+        if not self.train_prompts:
+            raise DrpoError("prompts: no training prompts left after the held-out split")
+        self.stream = PromptStream(self.train_prompts, seed=self.cfg.seed, shuffle=p.shuffle)
+
+    def _lr_factor(self, step: int) -> float:
+        train = self.cfg.train
+        if step < train.warmup_steps:
+            return (step + 1) / train.warmup_steps
+        if train.schedule == "cosine":
+            progress = (step - train.warmup_steps) / max(1, train.steps - train.warmup_steps)
+            return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+        return 1.0
+
+    def plan(self) -> list[str]:
+        cfg = self.cfg
+        n_params = sum(p.numel() for p in self.generator.trainable_parameters())
+        rankers = ", ".join(f"{name} (weight {w:g})" for name, _, w in self.rankers)
+        return [
+            f"generator  {cfg.generator.name}: {type(self.generator).__name__}, {n_params:,} trainable parameters",
+            f"rankers    {rankers}",
+            f"features   {cfg.features.name}: {type(self.features).__name__} (input: {self.features.input})",
+            f"kernel     {cfg.kernel.name}, radii {cfg.drift.radii}, lambda {cfg.drift.ref_lambda}",
+            f"source     {cfg.source.kind}, K={self.k}, M+={cfg.selection.positives}, M-={cfg.selection.negatives}",
+            f"prompts    {len(self.train_prompts)} train, {len(self.eval_prompts)} held out",
+            f"train      {cfg.train.steps} steps x {cfg.train.prompts_per_step} prompts x {cfg.train.grad_accum} "
+            f"accumulation, lr {cfg.train.lr:g}, device {self.device}, precision {cfg.train.mixed_precision}",
+            f"output     {self.run_dir}",
+        ]
+
+    # -- one micro-batch ---------------------------------------------------------------------
+
+    def featurise(self, latents: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Features of latents (decoding first when the feature space takes images)."""
+        with self.accelerator.autocast():
+            x = self.generator.decode(latents) if self.features.input == "images" else latents
+            features = self.features.features(x)
+        for key, value in features.items():
+            if not torch.isfinite(value).all():
+                raise _Failure(f"features {key!r} are not finite")
+        return {key: value.float() for key, value in features.items()}
+
+    def score(self, latents: torch.Tensor, records: Sequence[PromptRecord]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Combined scores (B, K) of K candidates per record, and which prompts scored cleanly."""
+        k = latents.shape[0] // len(records)
+        prompts = [r.text for r in records for _ in range(k)]
+        metadata = [r.metadata for r in records for _ in range(k)]
+        with torch.no_grad():
+            images = self.generator.decode(latents).float().clamp(0, 1)
+        per_ranker = []
+        for name, ranker, _ in self.rankers:
+            try:
+                raw = ranker.score(images, prompts, metadata)
+            except (ComponentError, DrpoError):
+                raise
+            except Exception as error:
+                raise _Failure(f"ranker {name!r} raised {type(error).__name__}: {error}") from error
+            per_ranker.append(check_scores(raw, len(prompts), name).reshape(len(records), k))
+        finite = torch.stack([s.isfinite().all(dim=1) for s in per_ranker]).all(dim=0)
+        if not finite.all():
+            self._last_failure = f"ranker {self.rankers[0][0]!r} returned non-finite scores"
+        per_ranker = [s.nan_to_num(0.0, posinf=0.0, neginf=0.0) for s in per_ranker]
+        if self.binary:  # 0/1 correctness: a candidate is correct when every ranker says so
+            return torch.stack(per_ranker).prod(dim=0), finite
+        weights = [w for _, _, w in self.rankers]
+        return combine_scores(per_ranker, weights, self.cfg.selection.combine), finite
+
+    def micro_step(self, step: int, batch: list[tuple[int, PromptRecord]], scale: float) -> dict[str, Any]:
+        """Anchors, targets and backward for one micro-batch; returns its metrics."""
+        indices, records = [i for i, _ in batch], [r for _, r in batch]
+        k, gen, timer = self.k, self.generator, self.timer
+        prompts = [r.text for r in records for _ in range(k)]
+        noise = torch.cat([make_noise(gen.noise_shape, self.cfg.seed, i, range(k)) for i in indices]).to(self.device)
+        with timer("sample"), torch.no_grad(), self.accelerator.autocast():
+            latents = gen.sample(prompts, noise).float()
+        with timer("reference"), torch.no_grad(), self.accelerator.autocast():
+            reference = gen.reference(prompts, noise).float() if self.estimator.ref_lambda > 0 else None
+        with timer("features"), torch.no_grad():
+            features = self.featurise(latents)
+            ref_features = self.featurise(reference) if reference is not None else None
+        candidates = _Batch(self, records, indices, noise, latents, features, step)
+        with timer("rank"):
+            anchors = self.source.anchors(candidates, k)
+        keep = anchors.keep
+        out: dict[str, Any] = {**summarise_skips(anchors.skips), **anchors.stats, "prompts": len(records)}
+        if not keep.any():
+            self._zero_backward()
+            return out
+        per_prompt = {key: v.reshape(len(records), -1, v.shape[-1])[keep] for key, v in features.items()}
+        with timer("drift"):
+            targets = self.estimator.targets(
+                per_prompt,
+                {key: v[keep] for key, v in anchors.positives.items()},
+                {key: v[keep] for key, v in anchors.negatives.items()},
+                None if ref_features is None else
+                {key: v.reshape(len(records), -1, v.shape[-1])[keep] for key, v in ref_features.items()},
+            )
+        out.update(targets.stats)
+        kept_prompts = [r.text for r, kept in zip(records, keep.tolist(), strict=True) if kept]
+        kept_noise = noise.reshape(len(records), k, *noise.shape[1:])[keep]
+        per_candidate = {key: v.shape[1] for key, v in features.items()}
+        chunk = self.cfg.train.candidate_chunk or k
+        losses = {"pref": 0.0, "ref": 0.0}
+        for start in range(0, k, chunk):
+            stop = min(k, start + chunk)
+            with timer("backward"), self.accelerator.autocast():
+                x = gen.sample([p for p in kept_prompts for _ in range(stop - start)],
+                               kept_noise[:, start:stop].reshape(-1, *noise.shape[1:]))
+                x = gen.decode(x) if self.features.input == "images" else x
+                feats = {key: v.float().reshape(len(kept_prompts), -1, v.shape[-1])
+                         for key, v in self.features.features(x).items()}
+                loss = self.estimator.loss(feats, targets, start, stop, per_candidate)
+            # the mean over kept prompts, and over micro-batches through ``scale``
+            self.accelerator.backward(loss["total"].sum() / len(records) * scale)
+            losses["pref"] += float(loss["pref"].detach().sum() / len(kept_prompts))
+            if loss["ref"] is not None:
+                losses["ref"] += float(loss["ref"].detach().sum() / len(kept_prompts))
+        out.update(loss_pref=losses["pref"], loss_ref=losses["ref"])
+        return out
+
+    def _zero_backward(self) -> None:
+        """Nothing to train in this micro-batch: a zero backward keeps DDP ranks in step."""
+        zero = sum(p.sum() * 0.0 for p in self.generator.trainable_parameters())
+        self.accelerator.backward(zero)
+
+    # -- the run -----------------------------------------------------------------------------
+
+    def train(self, resume: str | None = None) -> dict[str, Any]:
+        cfg = self.cfg
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        start_step = self._resume(resume) if resume else 0
+        if not resume:
+            self._write_run_info()
+        self.metrics = MetricsLog(self.run_dir / "metrics.jsonl", resume_lines=self._metrics_lines)
+        self.timer = StepTimer()
+        self.evaluator = Evaluator(self)
+        failures: deque[int] = deque(maxlen=cfg.train.failure_window)
+        self._stop_signal: str | None = None
+        previous = {sig: signal.signal(sig, self._on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
+        if start_step == 0:
+            self.evaluator.run(0, self._log_eval)
+        step = start_step
+        try:
+            with self._progress() as progress:
+                task = progress.add_task("drpo", total=cfg.train.steps, completed=step, metrics="")
+                while step < cfg.train.steps and self._stop_signal is None:
+                    record = self._train_step(step, failures)
+                    step += 1
+                    record["step"] = step
+                    self.metrics.write(record)
+                    progress.update(task, completed=step, metrics=_progress_text(record))
+                    if cfg.eval.every and step % cfg.eval.every == 0 and step < cfg.train.steps:
+                        if self.evaluator.run(step, self._log_eval) == "stop":
+                            break
+                    if step % cfg.checkpoint.every == 0:
+                        self.save(step)
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+        self.save(step)
+        if self._stop_signal is not None:
+            self.console.print(f"stopped by {self._stop_signal} at step {step}; resume with --resume latest")
+            return {"step": step, "stopped": self._stop_signal}
+        summary = self.evaluator.run(step, self._log_eval, final=True)
+        self.accelerator.end_training()
+        return {"step": step, **(summary or {})}
+
+    def _train_step(self, step: int, failures: deque[int]) -> dict[str, Any]:
+        cfg = self.cfg
+        self.timer.start_step(sync=step % cfg.log.sync_timing_every == 0)
+        record: dict[str, Any] = {}
+        self.optimizer.zero_grad(set_to_none=True)
+        for _ in range(cfg.train.grad_accum):
+            batch = self.stream.next_batch(cfg.train.prompts_per_step)
+            try:
+                out = self.micro_step(step, batch, 1.0 / cfg.train.grad_accum)
+            except _Failure as failure:
+                self._zero_backward()
+                out = {"skip_failure": len(batch), "failure": str(failure)}
+                self._last_failure = str(failure)
+            _accumulate(record, out, cfg.train.grad_accum)
+        failures.append(int(record.get("skip_failure", 0)))
+        if sum(failures) > cfg.train.max_failures:
+            raise ComponentError(
+                f"{sum(failures)} prompts failed in the last {len(failures)} steps "
+                f"(limit train.max_failures={cfg.train.max_failures}); last: {self._last_failure}"
+            )
+        with self.timer("optimizer"):
+            params = self.generator.trainable_parameters()
+            record["grad_norm"] = float(self.accelerator.clip_grad_norm_(params, cfg.train.max_grad_norm))
+            self.optimizer.step()
+            self.scheduler.step()
+            self._update_ema()
+        record["lr"] = self.scheduler.get_last_lr()[0]
+        record["time"] = self.timer.split()
+        return record
+
+    def _update_ema(self) -> None:
+        if self.ema is None:
+            return
+        decay = self.cfg.train.ema_decay
+        with torch.no_grad():
+            for shadow, param in zip(self.ema, self.generator.trainable_parameters(), strict=True):
+                shadow.lerp_(param.detach(), 1 - decay)
+
+    def _on_signal(self, signum, frame) -> None:
+        self._stop_signal = signal.Signals(signum).name
+
+    def _progress(self):
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+        return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                        TimeElapsedColumn(), TextColumn("{task.fields[metrics]}"), console=self.console,
+                        disable=not (self.cfg.log.progress and self.accelerator.is_local_main_process))
+
+    def _log_eval(self, record: dict[str, Any]) -> None:
+        with (self.run_dir / "eval.jsonl").open("a") as handle:
+            handle.write(json.dumps(record) + "\n")
+        if self.cfg.log.trackers:
+            flat = {k: v for k, v in record.items() if isinstance(v, (int, float))}
+            self.accelerator.log(flat, step=record["step"])
+
+    # -- checkpoints -------------------------------------------------------------------------
+
+    def save(self, step: int) -> Path:
+        trainable = dict(self.generator.trainable_state_dict())
+        if self.ema is not None:
+            trainable.update({f"ema.{i}": t for i, t in enumerate(self.ema)})
+        state = {"step": step, "prompts": self.stream.state_dict(), "metrics_lines": self.metrics.line_count}
+        return ckpt.save_checkpoint(
+            self.run_dir, step, trainable=trainable, optimizer_state=self.optimizer.state_dict(),
+            scheduler_state=self.scheduler.state_dict(), state=state, config_text=self.resolved.to_yaml(),
+            keep_last=self.cfg.checkpoint.keep_last,
+        )
+
+    _metrics_lines: int | None = None
+
+    def _resume(self, which: str) -> int:
+        path = ckpt.resolve_checkpoint(self.run_dir if which == "latest" else which)
+        loaded = ckpt.load_checkpoint(path)
+        trainable = dict(loaded.trainable)
+        if self.ema is not None:
+            self.ema = [trainable.pop(f"ema.{i}") for i in range(len(self.ema))]
+        self.generator.load_trainable_state_dict(trainable)
+        self.optimizer.load_state_dict(loaded.optimizer_state)
+        self.scheduler.load_state_dict(loaded.scheduler_state)
+        self.stream.load_state_dict(loaded.state["prompts"])
+        ckpt.restore_rng_state(loaded.rng)
+        self._metrics_lines = loaded.state["metrics_lines"]
+        self.console.print(f"resumed from {path} at step {loaded.step}")
+        return loaded.step
+
+    def _write_run_info(self) -> None:
+        (self.run_dir / "config.yaml").write_text(self.resolved.to_yaml())
+        info = {
+            "command_line": self.command_line,
+            "python": platform.python_version(),
+            "packages": _versions(["drpo", "torch", "diffusers", "transformers", "peft", "accelerate"]),
+            "plugins": {p.name: {"distribution": p.distribution, "version": p.version, "state": p.state}
+                        for p in self.registry.plugins},
+            "git_revision": _git_revision(),
+            "device": str(self.device),
+        }
+        (self.run_dir / "run.json").write_text(json.dumps(info, indent=2))
+
+
+class _Failure(Exception):
+    """A prompt could not be used (non-finite scores or features, a ranker error)."""
+
+
+def _accumulate(record: dict[str, Any], out: dict[str, Any], n: int) -> None:
+    for key, value in out.items():
+        if key.startswith("skip_") or key == "prompts":
+            record[key] = record.get(key, 0) + value
+        elif isinstance(value, float):
+            record[key] = record.get(key, 0.0) + value / n
+        else:
+            record[key] = value
+
+
+def _progress_text(record: dict[str, Any]) -> str:
+    parts = [f"{key} {record[key]:.3g}" for key in ("loss_pref", "loss_ref", "score_mean", "accuracy")
+             if isinstance(record.get(key), float)]
+    return "  ".join(parts)
+
+
+def _versions(names: list[str]) -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {}
+    for name in names:
+        try:
+            out[name] = version(name)
+        except PackageNotFoundError:
+            out[name] = "not installed"
+    return out
+
+
+def _git_revision() -> str | None:
+    try:
+        result = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
+                                cwd=Path(__file__).parent)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return result.stdout.strip() or None if result.returncode == 0 else None
+

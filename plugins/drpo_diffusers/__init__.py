@@ -1,0 +1,107 @@
+"""drpo's diffusers plugin: the SD-Turbo and SDXL-Turbo one-step generators.
+
+Registration only: diffusers and torch are imported inside the factories, so listing plugins
+stays fast. The generator lives in ``drpo_diffusers.generator``, LoRA/pipeline export in
+``drpo_diffusers.export`` and tiny test pipelines in ``drpo_diffusers.testing``.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from drpo_core import hookimpl
+
+
+class TurboOptions(BaseModel):
+    """Options shared by the ``sd-turbo`` and ``sdxl-turbo`` generators."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: str = Field(description="hub id, or a local diffusers pipeline directory (relative to the config)")
+    revision: str | None = Field(None, description="hub revision (branch, tag or commit)")
+    variant: str | None = Field(None, description='weight file variant, e.g. "fp16"')
+    dtype: Literal["auto", "fp32", "fp16", "bf16"] = Field(
+        "auto", description="weight dtype; auto: the run's mixed precision on CUDA, fp32 on CPU"
+    )
+    lora: bool = Field(
+        True,
+        description="train LoRA adapters (reference = adapters disabled, free); false: full fine-tuning, "
+        "where the frozen reference is a deep copy of the UNet (twice the UNet memory)",
+    )
+    lora_rank: int = Field(16, ge=1)
+    lora_alpha: float = Field(16.0, gt=0)
+    lora_target_modules: list[str] = Field(
+        default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0"],
+        description="UNet module names (suffixes) that get adapters",
+        min_length=1,
+    )
+    gradient_checkpointing: bool = True
+    resolution: int = Field(512, ge=64, description="image size in pixels (square)")
+    decode_chunk: int = Field(4, ge=1, description="images the VAE decodes at once")
+    vae_slicing: bool = False
+    vae_tiling: bool = False
+
+    @field_validator("resolution")
+    @classmethod
+    def _multiple_of_eight(cls, value: int) -> int:
+        if value % 8:
+            raise ValueError(f"resolution must be a multiple of 8, got {value}")
+        return value
+
+
+class SDTurboOptions(TurboOptions):
+    model: str = Field("stabilityai/sd-turbo", description=TurboOptions.model_fields["model"].description)
+
+
+class SDXLTurboOptions(TurboOptions):
+    model: str = Field("stabilityai/sdxl-turbo", description=TurboOptions.model_fields["model"].description)
+
+
+#: recommended run settings from the paper's recipes (method.md §6.4)
+SD_TURBO_DEFAULTS = {
+    "selection.candidates": 24,
+    "selection.positives": 8,
+    "selection.negatives": 8,
+    "train.lr": 1e-4,
+    "train.mixed_precision": "fp16",
+    "features.name": "latent",
+}
+SDXL_TURBO_DEFAULTS = {
+    "selection.candidates": 16,
+    "selection.positives": 8,
+    "selection.negatives": 8,
+    "train.lr": 1e-5,
+    "train.mixed_precision": "bf16",
+}
+
+
+@hookimpl
+def drpo_register_generators(register):
+    register(
+        "sd-turbo",
+        _build_sd,
+        options=SDTurboOptions,
+        defaults=SD_TURBO_DEFAULTS,
+        summary="SD-Turbo (SD 2.1) one-step generator, LoRA on the UNet, 512px",
+    )
+    register(
+        "sdxl-turbo",
+        _build_sdxl,
+        options=SDXLTurboOptions,
+        defaults=SDXL_TURBO_DEFAULTS,
+        summary="SDXL-Turbo one-step generator, LoRA on the UNet, 512px",
+    )
+
+
+def _build_sd(options, context):
+    from drpo_diffusers.generator import TurboGenerator
+
+    return TurboGenerator.from_options(options, context, architecture="sd")
+
+
+def _build_sdxl(options, context):
+    from drpo_diffusers.generator import TurboGenerator
+
+    return TurboGenerator.from_options(options, context, architecture="sdxl")

@@ -1,0 +1,434 @@
+"""One-step SD-Turbo and SDXL-Turbo generators: ``x0 = G_theta(z, prompt)`` with a frozen reference.
+
+**Sampling convention.** We reproduce ``pipe(prompt, num_inference_steps=1, guidance_scale=0.0,
+latents=z, output_type="latent")`` exactly, in a differentiable way. With the Turbo schedulers
+(Euler / Euler ancestral, ``timestep_spacing="trailing"``) one step runs at t = 999 and:
+
+* the scheduler's sample is ``s = init_noise_sigma * z`` (``init_noise_sigma`` is sigma_max here),
+* the UNet sees ``scale_model_input(s) = s / sqrt(sigma^2 + 1)`` (= sqrt(1 - abar_999) * z),
+* the Euler step to sigma = 0 returns the predicted clean latent: ``x0 = s - sigma * eps_hat`` for
+  epsilon prediction (``x0 = -sigma/sqrt(sigma^2+1) * v + s/(sigma^2+1)`` for v-prediction). Euler
+  ancestral adds no noise on its last step, so both schedulers are deterministic.
+
+This differs from the official DrPO SD-Turbo code (method.md §6.1), which feeds the UNet ``z``
+itself and re-projects ``x0`` to t = 0 (``0.9996 * x0 + 0.0292 * eps_hat``). We follow the pipeline
+so that what is trained is exactly what users get from the pipeline with the exported LoRA.
+
+**Latents** are scaled latents (UNet space); ``decode`` divides by the VAE's scaling factor.
+
+**Reference.** With LoRA (the default) the frozen base generator is the same UNet with its adapters
+disabled, so it costs no memory. With full fine-tuning (``lora=False``) the reference is a deep copy
+of the base UNet, which doubles the UNet's memory.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import os
+from collections import OrderedDict
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from diffusers import (
+    DiffusionPipeline,
+    EulerAncestralDiscreteScheduler,
+    EulerDiscreteScheduler,
+    StableDiffusionPipeline,
+    StableDiffusionXLPipeline,
+)
+from diffusers.training_utils import cast_training_params
+from peft import LoraConfig
+from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
+
+from drpo_core.context import BuildContext
+from drpo_core.errors import PluginError
+from drpo_core.interfaces import Generator
+
+DEFAULT_TARGET_MODULES = ("to_q", "to_k", "to_v", "to_out.0")
+PIPELINE_CLASSES = {"sd": StableDiffusionPipeline, "sdxl": StableDiffusionXLPipeline}
+GENERATOR_NAMES = {"sd": "sd-turbo", "sdxl": "sdxl-turbo"}
+#: prompts whose text embeddings are kept (an SDXL prompt takes ~0.3 MB in bf16)
+PROMPT_CACHE_SIZE = 256
+#: a real CLIP vocabulary has ~49k tokens; below the 256 byte symbols plus two special tokens the
+#: tokenizer is the empty fallback transformers returns for missing files when offline
+MIN_TOKENIZER_SIZE = 258
+_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+class TurboGenerator(Generator):
+    """SD-Turbo (``architecture="sd"``) or SDXL-Turbo (``"sdxl"``) as a one-step generator.
+
+    ``pipe`` is a loaded pipeline already on its device and dtype; :meth:`from_options` loads one.
+    """
+
+    def __init__(
+        self,
+        pipe: DiffusionPipeline,
+        *,
+        architecture: str,
+        resolution: int = 512,
+        lora: bool = True,
+        lora_rank: int = 16,
+        lora_alpha: float = 16.0,
+        lora_target_modules: Sequence[str] = DEFAULT_TARGET_MODULES,
+        gradient_checkpointing: bool = True,
+        decode_chunk: int = 4,
+        vae_slicing: bool = False,
+        vae_tiling: bool = False,
+        base_model: str = "",
+    ) -> None:
+        if architecture not in PIPELINE_CLASSES:
+            raise PluginError(f"unknown architecture {architecture!r}: expected 'sd' or 'sdxl'")
+        self.pipe = pipe
+        self.architecture = architecture
+        self.resolution = resolution
+        self.lora = lora
+        self.lora_rank = lora_rank
+        self.lora_alpha = lora_alpha
+        self.decode_chunk = decode_chunk
+        #: hub id or directory name of the base model, for model cards
+        self.base_model = base_model
+        self.unet, self.vae = pipe.unet, pipe.vae
+        self._check_unet()
+        self._setup_scheduler()
+        self._freeze_and_place()
+        if vae_slicing:
+            self.vae.enable_slicing()
+        if vae_tiling:
+            self.vae.enable_tiling()
+
+        # the dtype the UNet's base weights run in (LoRA params may be fp32 on top of it)
+        self._weight_dtype = self.unet.dtype
+        if lora:
+            _check_target_modules(self.unet, lora_target_modules)
+            self.unet.add_adapter(
+                LoraConfig(
+                    r=lora_rank,
+                    lora_alpha=lora_alpha,
+                    lora_dropout=0.0,
+                    init_lora_weights=True,  # B = 0: the adapted UNet starts equal to the base
+                    target_modules=list(lora_target_modules),
+                )
+            )
+            # half-precision base weights, fp32 trainable adapters (peft casts activations)
+            cast_training_params(self.unet, dtype=torch.float32)
+            self._reference_unet = None
+        else:
+            self._reference_unet = copy.deepcopy(self.unet).eval()
+            self.unet.requires_grad_(True)
+            self.unet.to(torch.float32)  # fp32 master weights for full fine-tuning
+            self._weight_dtype = torch.float32
+        if gradient_checkpointing:
+            self.enable_gradient_checkpointing()
+
+        h = resolution // pipe.vae_scale_factor
+        self.noise_shape = (self.unet.config.in_channels, h, h)
+        self._prompt_cache: OrderedDict[str, dict[str, torch.Tensor]] = OrderedDict()
+
+    # ------------------------------------------------------------------ construction helpers
+
+    @classmethod
+    def from_options(cls, options: Any, context: BuildContext, architecture: str) -> TurboGenerator:
+        """Load the pipeline named by ``options.model`` and wrap it (see ``drpo_diffusers`` options)."""
+        model, is_local = _resolve_model(options.model, context.config_dir)
+        load_kw = {"revision": options.revision, "variant": options.variant}
+        _check_pipeline_class(model, is_local, architecture, load_kw)
+        dtype = _pick_dtype(options.dtype, context)
+        pipe = _load_pipeline(model, is_local, architecture, dict(load_kw, dtype=dtype))
+        _check_tokenizers(pipe, options.model)
+        pipe.to(context.device)
+        pipe.set_progress_bar_config(disable=True)
+        return cls(
+            pipe,
+            architecture=architecture,
+            resolution=options.resolution,
+            lora=options.lora,
+            lora_rank=options.lora_rank,
+            lora_alpha=options.lora_alpha,
+            lora_target_modules=options.lora_target_modules,
+            gradient_checkpointing=options.gradient_checkpointing,
+            decode_chunk=options.decode_chunk,
+            vae_slicing=options.vae_slicing,
+            vae_tiling=options.vae_tiling,
+            base_model=Path(model).name if is_local else model,
+        )
+
+    def _check_unet(self) -> None:
+        config = self.unet.config
+        if config.time_cond_proj_dim is not None:
+            raise PluginError("UNets with a guidance embedding (time_cond_proj_dim, LCM) are not supported")
+        if self.resolution % self.pipe.vae_scale_factor:
+            raise PluginError(
+                f"resolution {self.resolution} is not a multiple of the VAE factor {self.pipe.vae_scale_factor}"
+            )
+
+    def _setup_scheduler(self) -> None:
+        """Read the one-step constants from the pipeline's own scheduler."""
+        scheduler = self.pipe.scheduler
+        if not isinstance(scheduler, (EulerDiscreteScheduler, EulerAncestralDiscreteScheduler)):
+            raise PluginError(
+                f"scheduler {type(scheduler).__name__} is not supported: Turbo models use "
+                "EulerDiscreteScheduler or EulerAncestralDiscreteScheduler with timestep_spacing='trailing'"
+            )
+        prediction = scheduler.config.prediction_type
+        if prediction not in ("epsilon", "v_prediction", "sample"):
+            raise PluginError(f"scheduler prediction_type {prediction!r} is not supported")
+        scheduler.set_timesteps(1, device="cpu")
+        if float(scheduler.sigmas[-1]) != 0.0:
+            raise PluginError("the scheduler's last sigma is not 0, so one step does not end at x0")
+        self.timestep = scheduler.timesteps[0].clone()  # 999 with trailing spacing
+        self._sigma = float(scheduler.sigmas[0])
+        self._init_sigma = float(scheduler.init_noise_sigma)
+        self._prediction = prediction
+
+    def _freeze_and_place(self) -> None:
+        for name in ("unet", "vae", "text_encoder", "text_encoder_2"):
+            module = getattr(self.pipe, name, None)
+            if module is not None:
+                module.requires_grad_(False)
+                module.eval()
+        # fp16 VAE decoding overflows to NaN for VAEs that ask for upcasting (SDXL's); bf16 is safe
+        if self.vae.dtype == torch.float16 and self.vae.config.force_upcast:
+            self.vae.to(torch.float32)
+
+    # ------------------------------------------------------------------ Generator interface
+
+    @property
+    def device(self) -> torch.device:
+        return self.unet.device
+
+    def trainable_parameters(self) -> list[torch.nn.Parameter]:
+        return [p for p in self.unet.parameters() if p.requires_grad]
+
+    def sample(self, prompts: Sequence[str], noise: torch.Tensor) -> torch.Tensor:
+        return self._one_step(self.unet, self._weight_dtype, prompts, noise)
+
+    @torch.no_grad()
+    def reference(self, prompts: Sequence[str], noise: torch.Tensor) -> torch.Tensor:
+        if self._reference_unet is not None:
+            return self._one_step(self._reference_unet, self._reference_unet.dtype, prompts, noise)
+        self.unet.disable_adapters()
+        try:
+            return self._one_step(self.unet, self._weight_dtype, prompts, noise)
+        finally:
+            self.unet.enable_adapters()
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        images = []
+        for chunk in latents.split(self.decode_chunk):
+            z = self._unscale(chunk.to(self.device, torch.float32)).to(self.vae.dtype)
+            x = self.vae.decode(z, return_dict=False)[0]
+            images.append((x.float() / 2 + 0.5).clamp(0, 1))
+        return torch.cat(images)
+
+    @torch.no_grad()
+    def encode(self, images: torch.Tensor) -> torch.Tensor:
+        latents = []
+        for chunk in images.split(self.decode_chunk):
+            x = (chunk.to(self.device, torch.float32) * 2 - 1).to(self.vae.dtype)
+            z = self.vae.encode(x).latent_dist.mode()
+            latents.append(self._scale(z.float()))
+        return torch.cat(latents)
+
+    def trainable_state_dict(self) -> dict[str, torch.Tensor]:
+        if self.lora:
+            state = get_peft_model_state_dict(self.unet)
+        else:
+            state = self.unet.state_dict()
+        return {key: value.detach().contiguous() for key, value in state.items()}
+
+    def load_trainable_state_dict(self, state: Mapping[str, torch.Tensor]) -> None:
+        expected = set(self.trainable_state_dict())
+        missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
+        if missing or unexpected:
+            raise PluginError(
+                f"checkpoint does not fit this generator: {len(missing)} missing keys "
+                f"{missing[:2]}, {len(unexpected)} unexpected keys {unexpected[:2]} "
+                "(different LoRA rank/targets or lora setting?)"
+            )
+        if self.lora:
+            set_peft_model_state_dict(self.unet, dict(state))
+        else:
+            self.unet.load_state_dict(dict(state))
+
+    def train(self, mode: bool = True) -> None:
+        self.unet.train(mode)
+
+    def enable_gradient_checkpointing(self) -> None:
+        # diffusers' default checkpoint function is non-reentrant (use_reentrant=False)
+        self.unet.enable_gradient_checkpointing()
+
+    # ------------------------------------------------------------------ one-step math
+
+    def _one_step(self, unet, dtype: torch.dtype, prompts: Sequence[str], noise: torch.Tensor) -> torch.Tensor:
+        if len(prompts) != noise.shape[0]:
+            raise PluginError(f"{len(prompts)} prompts for {noise.shape[0]} noise samples")
+        cond = self._conditioning(prompts)
+        sample = noise.to(self.device, torch.float32) * self._init_sigma
+        unet_input = sample / math.sqrt(self._sigma**2 + 1)  # scale_model_input
+        added = None
+        if "text_embeds" in cond:
+            added = {"text_embeds": cond["text_embeds"].to(dtype), "time_ids": cond["time_ids"].to(dtype)}
+        out = unet(
+            unet_input.to(dtype),
+            self.timestep.to(self.device),
+            encoder_hidden_states=cond["hidden"].to(dtype),
+            added_cond_kwargs=added,
+            return_dict=False,
+        )[0].float()
+        sigma = self._sigma
+        if self._prediction == "epsilon":
+            return sample - sigma * out
+        if self._prediction == "v_prediction":
+            return out * (-sigma / math.sqrt(sigma**2 + 1)) + sample / (sigma**2 + 1)
+        return out
+
+    @torch.no_grad()
+    def _conditioning(self, prompts: Sequence[str]) -> dict[str, torch.Tensor]:
+        """Per-prompt text conditioning, stacked for the batch; encoded once per prompt and cached."""
+        missing = [p for p in dict.fromkeys(prompts) if p not in self._prompt_cache]
+        if missing:
+            for prompt, cond in zip(missing, self._encode_prompts(missing), strict=True):
+                self._prompt_cache[prompt] = cond
+        for prompt in prompts:
+            self._prompt_cache.move_to_end(prompt)
+        batch = {key: torch.stack([self._prompt_cache[p][key] for p in prompts]) for key in self._prompt_cache[prompts[0]]}
+        while len(self._prompt_cache) > max(PROMPT_CACHE_SIZE, len(set(prompts))):
+            self._prompt_cache.popitem(last=False)
+        return batch
+
+    def _encode_prompts(self, prompts: list[str]) -> list[dict[str, torch.Tensor]]:
+        kw = dict(device=self.device, num_images_per_prompt=1, do_classifier_free_guidance=False)
+        if self.architecture == "sd":
+            hidden, _ = self.pipe.encode_prompt(prompts, **kw)
+            return [{"hidden": h} for h in hidden]
+        hidden, _, pooled, _ = self.pipe.encode_prompt(prompts, **kw)
+        # SDXL micro-conditioning: original size, crop top-left, target size
+        r = float(self.resolution)
+        time_ids = torch.tensor([r, r, 0.0, 0.0, r, r], device=self.device)
+        return [{"hidden": h, "text_embeds": p, "time_ids": time_ids} for h, p in zip(hidden, pooled, strict=True)]
+
+    def _unscale(self, latents: torch.Tensor) -> torch.Tensor:
+        """Scaled (UNet-space) latents to the VAE's latent space, as the pipelines do."""
+        config = self.vae.config
+        mean, std = getattr(config, "latents_mean", None), getattr(config, "latents_std", None)
+        if mean is not None and std is not None:
+            mean = torch.tensor(mean, device=latents.device).view(1, -1, 1, 1)
+            std = torch.tensor(std, device=latents.device).view(1, -1, 1, 1)
+            return latents * std / config.scaling_factor + mean
+        return latents / config.scaling_factor
+
+    def _scale(self, latents: torch.Tensor) -> torch.Tensor:
+        config = self.vae.config
+        mean, std = getattr(config, "latents_mean", None), getattr(config, "latents_std", None)
+        if mean is not None and std is not None:
+            mean = torch.tensor(mean, device=latents.device).view(1, -1, 1, 1)
+            std = torch.tensor(std, device=latents.device).view(1, -1, 1, 1)
+            return (latents - mean) * config.scaling_factor / std
+        return latents * config.scaling_factor
+
+
+# ---------------------------------------------------------------------- loading and checks
+
+
+def _hub_offline() -> bool:
+    from huggingface_hub import constants
+
+    flag = os.environ.get("HF_HUB_OFFLINE", "").upper() in {"1", "ON", "YES", "TRUE"}
+    return flag or bool(constants.HF_HUB_OFFLINE)
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
+
+
+def _resolve_model(model: str, config_dir: Path) -> tuple[str, bool]:
+    """``(model, is_local)``: a directory (relative to the config's directory) or a hub id."""
+    path = Path(model).expanduser()
+    if not path.is_absolute():
+        path = Path(config_dir) / path
+    if path.exists():
+        if not (path / "model_index.json").is_file():
+            raise PluginError(f"model {model!r} is not a diffusers pipeline directory (no model_index.json)")
+        return str(path), True
+    # Hub ids are "name" or "org/name"; anything else was meant as a path.
+    looks_like_path = model.startswith((".", "/", "~")) or "\\" in model or model.count("/") > 1
+    if looks_like_path:
+        raise PluginError(f"model path {model!r} does not exist")
+    return model, False
+
+
+def _from_hub_or_cache(load, model: str, is_local: bool, kwargs: dict):
+    """Call ``load`` on the local cache first; go online only when allowed. One-line errors."""
+    try:
+        return load(model, local_files_only=True, **kwargs)
+    except (OSError, ValueError) as err:
+        if is_local:
+            raise PluginError(f"could not load model {model!r}: {_first_line(err)}") from err
+        if _hub_offline():
+            raise PluginError(
+                f"model {model!r} is not in the local Hugging Face cache and HF_HUB_OFFLINE is set: "
+                f"download it first (hf download {model}) or set model to a local directory"
+            ) from err
+    try:
+        return load(model, **kwargs)
+    except (OSError, ValueError) as err:
+        raise PluginError(f"could not load model {model!r} from the hub: {_first_line(err)}") from err
+
+
+def _check_pipeline_class(model: str, is_local: bool, architecture: str, load_kw: dict) -> None:
+    config = _from_hub_or_cache(DiffusionPipeline.load_config, model, is_local, {"revision": load_kw["revision"]})
+    found, expected = config.get("_class_name"), PIPELINE_CLASSES[architecture].__name__
+    if found == expected:
+        return
+    hint = ""
+    for other, cls in PIPELINE_CLASSES.items():
+        if cls.__name__ == found:
+            hint = f"; use the {GENERATOR_NAMES[other]} generator"
+    raise PluginError(
+        f"model {model!r} is a {found}, but the {GENERATOR_NAMES[architecture]} generator needs a {expected}{hint}"
+    )
+
+
+def _load_pipeline(model: str, is_local: bool, architecture: str, kwargs: dict) -> DiffusionPipeline:
+    cls = PIPELINE_CLASSES[architecture]
+    if architecture == "sd":
+        # the safety checker is not needed for training and costs memory
+        kwargs = dict(kwargs, safety_checker=None, requires_safety_checker=False)
+    return _from_hub_or_cache(cls.from_pretrained, model, is_local, kwargs)
+
+
+def _check_tokenizers(pipe: DiffusionPipeline, model: str) -> None:
+    """Catch the silent offline fallback: a tokenizer with (almost) no vocabulary."""
+    pairs = [("tokenizer", "text_encoder"), ("tokenizer_2", "text_encoder_2")]
+    for tok_name, enc_name in pairs:
+        tokenizer, encoder = getattr(pipe, tok_name, None), getattr(pipe, enc_name, None)
+        if tokenizer is None or encoder is None:
+            continue
+        size, limit = len(tokenizer), encoder.config.vocab_size
+        if size < MIN_TOKENIZER_SIZE or size > limit:
+            raise PluginError(
+                f"model {model!r}: {tok_name} has {size} tokens but its text encoder expects up to {limit} "
+                "(missing or broken tokenizer files?)"
+            )
+
+
+def _check_target_modules(unet: torch.nn.Module, targets: Sequence[str]) -> None:
+    """Every LoRA target must name at least one Linear/Conv layer (peft only checks the union)."""
+    names = [n for n, m in unet.named_modules() if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d))]
+    for target in targets:
+        if not any(n == target or n.endswith("." + target) for n in names):
+            raise PluginError(f"LoRA target module {target!r} matches no Linear/Conv layer of the UNet")
+
+
+def _pick_dtype(choice: str, context: BuildContext) -> torch.dtype:
+    """``auto``: the run's mixed precision on CUDA, fp32 elsewhere."""
+    if choice != "auto":
+        return _DTYPES[choice]
+    if torch.device(context.device).type == "cuda":
+        return _DTYPES.get(context.mixed_precision, torch.float32)
+    return torch.float32

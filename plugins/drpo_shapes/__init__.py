@@ -1,0 +1,79 @@
+"""The toy world: a procedural shapes renderer, a tiny one-step generator, a programmatic
+GenEval-style counting ranker and a frozen feature space, so ``drpo train`` runs a real DrPO job
+on a laptop CPU in minutes. Registration only: torch is imported inside the factories.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict
+
+from drpo_core import hookimpl
+
+#: recommended run settings for the counting ranker (binary, GenEval-style online rollout)
+COUNTING_DEFAULTS = {
+    "source.kind": "online",
+    "prompts.path": "pkg://drpo_shapes/prompts.jsonl",
+    "selection.candidates": 16,
+    "selection.positives": 4,
+    "selection.negatives": 4,
+    "train.prompts_per_step": 8,
+    "train.lr": 3e-4,
+    "drift.ref_lambda": 0.2,
+}
+
+
+class GeneratorOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    #: safetensors file of base weights; default: the pretrained file shipped with the package
+    weights: str | None = None
+    init: Literal["pretrained", "random"] = "pretrained"
+
+
+class FeatureOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    #: seed of the fixed random CNN (changing it changes the feature space)
+    seed: int = 0
+
+
+@hookimpl
+def drpo_register_generators(register):
+    register("shapes", _build_generator, options=GeneratorOptions,
+             summary="toy world: 0.4M-parameter U-Net, noise (8,16,16) -> 32x32 shapes image")
+
+
+@hookimpl
+def drpo_register_rankers(register):
+    register("shapes", _build_ranker, variants=("counting",), defaults=_ranker_defaults,
+             summary="toy world: GenEval-style 0/1 correctness from a programmatic shape detector")
+
+
+@hookimpl
+def drpo_register_features(register):
+    register("shapes", _build_features, options=FeatureOptions,
+             summary="toy world: per-location pixel patches + random-CNN statistics (frozen)")
+
+
+def _ranker_defaults(variant: str | None) -> dict:
+    return dict(COUNTING_DEFAULTS) if variant in (None, "counting") else {}
+
+
+def _build_generator(options: GeneratorOptions, context):
+    from drpo_core.config import resolve_path
+    from drpo_shapes.generator import ShapesGenerator
+
+    weights = None if options.weights is None else resolve_path(options.weights, context.config_dir)
+    return ShapesGenerator(weights=weights, init=options.init, device=context.device, seed=context.seed)
+
+
+def _build_ranker(options, context):
+    from drpo_shapes.rankers import ShapesCountingRanker
+
+    return ShapesCountingRanker()
+
+
+def _build_features(options: FeatureOptions, context):
+    from drpo_shapes.features import ShapesFeatures
+
+    return ShapesFeatures(seed=options.seed).to(context.device)

@@ -1,0 +1,141 @@
+"""The toy world: flat-coloured shapes on a plain background, and the prompts that describe them.
+
+A prompt names a count, a colour and a shape ("three blue circles"). ``render`` draws a random
+layout that matches it, seeded, as a float tensor ``(3, 32, 32)`` in [0, 1]. The metadata of a
+prompt follows GenEval's counting rows: the requested objects are an ``include`` clause (with the
+colour as an attribute) and one more object of the same class is an ``exclude`` clause.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+SIZE = 32
+#: the background is a neutral grey, so every object pixel is recognisable by its chroma alone
+BACKGROUND = (0.12, 0.12, 0.12)
+COLORS: dict[str, tuple[float, float, float]] = {
+    "red": (0.90, 0.15, 0.15),
+    "green": (0.10, 0.80, 0.15),
+    "blue": (0.15, 0.30, 0.95),
+    "yellow": (0.95, 0.85, 0.15),
+}
+#: shapes chosen so that their bounding-box fill ratios are far apart (1.0, 0.79, 0.5)
+SHAPES = ("square", "circle", "triangle")
+COUNT_WORDS = ("one", "two", "three", "four")
+MIN_OBJECT, MAX_OBJECT = 9, 12  # side length in pixels
+GAP = 2  # free pixels kept between objects, so they never touch
+SUPERSAMPLE = 4  # draw at 4x and average: anti-aliased edges, like a generator's
+
+
+@dataclass(frozen=True)
+class Scene:
+    """What a prompt asks for: ``count`` objects of one colour and shape."""
+
+    count: int
+    color: str
+    shape: str
+
+    @property
+    def prompt(self) -> str:
+        plural = "s" if self.count > 1 else ""
+        return f"{COUNT_WORDS[self.count - 1]} {self.color} {self.shape}{plural}"
+
+
+def all_scenes() -> list[Scene]:
+    return [Scene(n, c, s) for n in range(1, len(COUNT_WORDS) + 1) for c in COLORS for s in SHAPES]
+
+
+def all_prompts() -> list[str]:
+    """Every prompt of the grammar (4 counts x 4 colours x 3 shapes = 48), in a fixed order."""
+    return [scene.prompt for scene in all_scenes()]
+
+
+def parse_prompt(prompt: str) -> Scene:
+    """The scene a prompt describes; ``ValueError`` naming the grammar when it is not one."""
+    words = prompt.strip().lower().split()
+    if len(words) == 3 and words[0] in COUNT_WORDS and words[1] in COLORS:
+        count = COUNT_WORDS.index(words[0]) + 1
+        shape = words[2][:-1] if count > 1 and words[2].endswith("s") else words[2]
+        if shape in SHAPES and (count > 1) == words[2].endswith("s"):
+            return Scene(count, words[1], shape)
+    raise ValueError(
+        f"{prompt!r} is not a shapes prompt: expected '<{'|'.join(COUNT_WORDS)}> "
+        f"<{'|'.join(COLORS)}> <{'|'.join(SHAPES)}>[s]', e.g. 'three blue circles'"
+    )
+
+
+def prompt_metadata(prompt: str) -> dict[str, Any]:
+    """GenEval-style metadata: exactly ``count`` objects of the colour, and not ``count + 1``."""
+    scene = parse_prompt(prompt)
+    return {
+        "tag": "counting",
+        "prompt": scene.prompt,
+        "include": [{"class": scene.shape, "count": scene.count, "color": scene.color}],
+        "exclude": [{"class": scene.shape, "count": scene.count + 1}],
+    }
+
+
+def layout(scene: Scene, seed: int) -> list[tuple[int, int, int]]:
+    """Non-overlapping squares ``(x0, y0, side)`` for the scene's objects, by rejection sampling."""
+    rng = np.random.default_rng([seed, scene.count, list(COLORS).index(scene.color), SHAPES.index(scene.shape)])
+    while True:
+        boxes: list[tuple[int, int, int]] = []
+        for _ in range(200):
+            side = int(rng.integers(MIN_OBJECT, MAX_OBJECT + 1))
+            x0, y0 = (int(v) for v in rng.integers(1, SIZE - side, size=2))
+            if all(_apart((x0, y0, side), other) for other in boxes):
+                boxes.append((x0, y0, side))
+                if len(boxes) == scene.count:
+                    return boxes
+
+
+def _apart(a: tuple[int, int, int], b: tuple[int, int, int]) -> bool:
+    (ax, ay, aside), (bx, by, bside) = a, b
+    return ax + aside + GAP <= bx or bx + bside + GAP <= ax or ay + aside + GAP <= by or by + bside + GAP <= ay
+
+
+def _shape_mask(shape: str, side: int) -> np.ndarray:
+    """A boolean ``(side*S, side*S)`` mask of the shape, sampled at pixel-fraction centres."""
+    n = side * SUPERSAMPLE
+    u = (np.arange(n) + 0.5) / n  # coordinates in [0, 1] inside the object's box
+    y, x = np.meshgrid(u, u, indexing="ij")
+    if shape == "square":
+        return np.ones((n, n), dtype=bool)
+    if shape == "circle":
+        return (x - 0.5) ** 2 + (y - 0.5) ** 2 <= 0.25
+    if shape == "triangle":  # apex at the top centre, base along the bottom edge
+        return np.abs(x - 0.5) <= 0.5 * y
+    raise ValueError(f"unknown shape {shape!r}; known: {', '.join(SHAPES)}")
+
+
+def render_array(scene: Scene, seed: int) -> np.ndarray:
+    """The scene as a float32 array ``(32, 32, 3)`` in [0, 1]."""
+    big = SIZE * SUPERSAMPLE
+    canvas = np.empty((big, big, 3), dtype=np.float32)
+    canvas[:] = BACKGROUND
+    for x0, y0, side in layout(scene, seed):
+        mask = _shape_mask(scene.shape, side)
+        region = canvas[y0 * SUPERSAMPLE :, x0 * SUPERSAMPLE :][: mask.shape[0], : mask.shape[1]]
+        region[mask] = COLORS[scene.color]
+    return canvas.reshape(SIZE, SUPERSAMPLE, SIZE, SUPERSAMPLE, 3).mean(axis=(1, 3))
+
+
+def render(prompt_or_scene: str | Scene, seed: int):
+    """A random image matching the prompt: float tensor ``(3, 32, 32)`` in [0, 1]."""
+    import torch
+
+    scene = parse_prompt(prompt_or_scene) if isinstance(prompt_or_scene, str) else prompt_or_scene
+    return torch.from_numpy(render_array(scene, seed)).permute(2, 0, 1).contiguous()
+
+
+def render_batch(prompts: Sequence[str | Scene], seeds: Sequence[int]):
+    """``render`` for each (prompt, seed) pair: ``(B, 3, 32, 32)``."""
+    import torch
+
+    if len(prompts) != len(seeds):
+        raise ValueError(f"render_batch got {len(prompts)} prompts but {len(seeds)} seeds")
+    return torch.stack([render(p, s) for p, s in zip(prompts, seeds, strict=True)])

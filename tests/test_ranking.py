@@ -1,0 +1,93 @@
+"""Scores to anchors: ensembles, top/bottom selection and its tie rule, binary (GenEval) selection."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from drpo_core.ranking import combine_scores, select_binary, select_top_bottom, selection_seed
+
+
+def test_zscore_combination_matches_hand_computation():
+    a = torch.tensor([[1.0, 2.0, 3.0, 6.0]])
+    b = torch.tensor([[10.0, 10.0, 10.0, 10.0]])  # constant ranker: std clamps at 1e-6, z = 0
+    za = (a.double() - 3.0) / torch.tensor(3.5).sqrt()  # population variance of [1,2,3,6] = 3.5
+    torch.testing.assert_close(combine_scores([a, b], weights=[3.0, 1.0]), 0.75 * za)
+    torch.testing.assert_close(combine_scores([a, b]), combine_scores([a, b], weights=[2.0, 2.0]))
+    assert combine_scores([a]).dtype == torch.float64
+
+
+def test_rank_average_with_ties():
+    a = torch.tensor([[1.0, 2.0, 2.0, 3.0]])
+    b = torch.tensor([[4.0, 3.0, 2.0, 1.0]])
+    torch.testing.assert_close(combine_scores([a], method="rank"),
+                               torch.tensor([[0.0, 1.5, 1.5, 3.0]], dtype=torch.float64))
+    torch.testing.assert_close(combine_scores([a, b], method="rank"),
+                               torch.tensor([[1.5, 1.75, 1.25, 1.5]], dtype=torch.float64))
+
+
+def test_combine_rejects_bad_input():
+    a = torch.zeros(1, 4)
+    with pytest.raises(ValueError):
+        combine_scores([a], method="softmax")
+    with pytest.raises(ValueError):
+        combine_scores([a, a], weights=[1.0])
+    with pytest.raises(ValueError):
+        combine_scores([a], weights=[-1.0])
+    with pytest.raises(ValueError):
+        combine_scores([torch.tensor([[0.0, float("nan")]])])
+
+
+def test_top_bottom_order_and_tie_rule():
+    scores = torch.tensor([[0.3, 0.9, 0.1, 0.5, 0.7], [1.0, 1.0, 1.0, 1.0, 1.0]])
+    pos, neg = select_top_bottom(scores, 2, 2)
+    assert pos.tolist() == [[1, 4], [0, 1]]  # best first; equal scores: lower index is better
+    assert neg.tolist() == [[2, 0], [4, 3]]  # worst first; equal scores: higher index is worse
+    pos, neg = select_top_bottom(torch.tensor([[2.0, 5.0, 5.0, 1.0]]), 1, 0)
+    assert pos.tolist() == [[1]] and neg.shape == (1, 0)
+
+
+def test_top_bottom_permutation_equivariant():
+    scores = torch.randn(3, 12, generator=torch.Generator().manual_seed(0))
+    perm = torch.randperm(12, generator=torch.Generator().manual_seed(1))
+    pos, neg = select_top_bottom(scores, 4, 4)
+    pos_p, neg_p = select_top_bottom(scores[:, perm], 4, 4)
+    assert torch.equal(perm[pos_p], pos) and torch.equal(perm[neg_p], neg)
+
+
+def test_too_many_anchors_raises():
+    with pytest.raises(ValueError):
+        select_top_bottom(torch.zeros(1, 5), 3, 3)
+    select_top_bottom(torch.zeros(1, 6), 3, 3)
+
+
+def test_selection_seed_is_stable_and_distinct():
+    seed = selection_seed(42, 10, 3, 0)
+    assert seed == selection_seed(42, 10, 3, 0)
+    assert seed == 7929967783004063818  # fixed across processes and Python versions (blake2b)
+    assert len({selection_seed(42, 10, 3, r) for r in range(4)} | {selection_seed(43, 10, 3, 0)}) == 5
+    assert 0 <= seed < 2**63
+
+
+def test_binary_selection_determinism():
+    correct = torch.tensor([[True, False] * 12])
+    seeds = [selection_seed(0, 1, 2, 0)]
+    pos, neg, ok = select_binary(correct, 4, 4, seeds)
+    assert ok.tolist() == [True]
+    assert correct[0, pos[0]].all() and not correct[0, neg[0]].any()
+    assert pos[0].unique().numel() == 4 and torch.equal(pos[0], pos[0].sort().values)
+    again = select_binary(correct, 4, 4, seeds)
+    assert torch.equal(again[0], pos) and torch.equal(again[1], neg)
+    other = select_binary(correct, 4, 4, [selection_seed(0, 1, 2, 1)])  # another round
+    assert not (torch.equal(other[0], pos) and torch.equal(other[1], neg))
+
+
+def test_binary_selection_not_enough():
+    correct = torch.tensor([[True, True, False, False, False], [True, True, True, False, True],
+                            [True, True, True, False, False]])
+    pos, neg, ok = select_binary(correct, 3, 2, [1, 2, 3])
+    assert ok.tolist() == [False, False, True]
+    assert (pos[:2] == 0).all() and (neg[:2] == 0).all()
+    assert sorted(pos[2].tolist()) == [0, 1, 2] and sorted(neg[2].tolist()) == [3, 4]
+    with pytest.raises(ValueError):
+        select_binary(correct, 1, 1, [1])
