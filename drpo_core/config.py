@@ -136,6 +136,13 @@ def parse_seeds(value: Any) -> Any:
     return seeds
 
 
+def ranker_list(value: Any) -> Any:
+    """``rankers: pickscore`` or a list of names / mappings -> a list of mappings."""
+    if isinstance(value, (str, dict)):
+        value = [value]
+    return [{"name": v} if isinstance(v, str) else v for v in value]
+
+
 class EvalConfig(_Strict):
     every: int = Field(0, ge=0, description="evaluate every N steps (0: only before and after)")
     seeds: list[int] = Field(default_factory=lambda: [42, 43, 44, 45, 46], min_length=1)
@@ -144,6 +151,7 @@ class EvalConfig(_Strict):
     early_stopping_patience: int | None = Field(None, ge=1)
 
     _seeds = field_validator("seeds", mode="before")(classmethod(lambda cls, v: parse_seeds(v)))
+    _rankers = field_validator("rankers", mode="before")(classmethod(lambda cls, v: ranker_list(v)))
 
 
 class LogConfig(_Strict):
@@ -175,12 +183,7 @@ class RunConfig(_Strict):
     def _name_shorthand(cls, value: Any) -> Any:
         return {"name": value} if isinstance(value, str) else value
 
-    @field_validator("rankers", mode="before")
-    @classmethod
-    def _ranker_list(cls, value: Any) -> Any:
-        if isinstance(value, (str, dict)):
-            value = [value]
-        return [{"name": v} if isinstance(v, str) else v for v in value]
+    _rankers = field_validator("rankers", mode="before")(classmethod(lambda cls, v: ranker_list(v)))
 
 
 COMPONENT_SECTIONS = {"generator": "generator", "features": "feature", "kernel": "kernel"}
@@ -374,7 +377,8 @@ def resolve_config(
         layers.append(("--set", set_layer))
 
     # recommended settings of the chosen components sit under everything the user wrote
-    chosen = {key: _component_name(user.get(key)) or _default_name(key) for key in COMPONENT_SECTIONS}
+    # a section the user wrote without a name is reported as such below, not as the default component
+    chosen = {key: _component_name(user[key]) if key in user else _default_name(key) for key in COMPONENT_SECTIONS}
     rankers = user.get("rankers") or [r.model_dump() for r in RunConfig().rankers]
     rankers = [rankers] if isinstance(rankers, (str, dict)) else rankers
     recommended: list[tuple[str, dict[str, Any]]] = []

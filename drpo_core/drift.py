@@ -74,7 +74,10 @@ Decisions of this implementation (where the official code has B = 1)
   centred on the mean generated particle of each prompt. This is exact in real arithmetic and avoids the
   cancellation of the expanded-norm distance when features have a large common offset.
 * Kernels receive ``dist`` and ``scale`` in feature units and the *uncentred, unscaled* ``x`` and ``T``
-  (so a cosine kernel sees the features themselves).
+  (so a cosine kernel sees the features themselves); the self mask is then subtracted in place from the
+  logits they return (a kernel returning a view of ``dist`` gets a copy).
+* Memory: the (B, N, J) matrices are updated in place where possible, so about four of them are alive at
+  once per radius.
 """
 
 from __future__ import annotations
@@ -119,30 +122,36 @@ def _anchor_weights(weight: float | Tensor, B: int, count: int, like: Tensor) ->
     return like.new_full((B, count), float(weight))
 
 
+# The (B, N, J) matrices dominate time and memory: the helpers below work in place where they can.
+
+
 def pairwise_distance(x: Tensor, T: Tensor) -> Tensor:
     """d_ij = sqrt(max(|x_i|^2 + |T_j|^2 - 2 x_i.T_j, 1e-8)), (B, N, J); the expanded-norm form of the code."""
-    d_sq = x.pow(2).sum(-1, keepdim=True) + T.pow(2).sum(-1).unsqueeze(-2) - 2.0 * x @ T.transpose(-1, -2)
-    return d_sq.clamp_min(DIST_SQ_FLOOR).sqrt()
+    d_sq = (x @ T.transpose(-1, -2)).mul_(-2.0)
+    d_sq.add_(x.pow(2).sum(-1, keepdim=True)).add_(T.pow(2).sum(-1).unsqueeze(-2))
+    return d_sq.clamp_min_(DIST_SQ_FLOOR).sqrt_()
 
 
 def feature_scale(d: Tensor, omega: Tensor) -> Tensor:
     """s = max(mean_ij(d_ij omega_j) / mean_j omega_j, 1e-3) per prompt, (B, 1, 1)."""
-    s = (d * omega.unsqueeze(-2)).mean(dim=(-2, -1)) / omega.mean(dim=-1)
+    N, J = d.shape[-2:]
+    s = (d.sum(dim=-2) * omega).sum(dim=-1) / (N * J) / omega.mean(dim=-1)
     return s.clamp_min(SCALE_FLOOR).view(-1, 1, 1)
 
 
-def self_mask(N: int, M: int, P: int, mask_negative_self: bool, like: Tensor) -> Tensor:
-    """(N, J) 0/1 mask of the pairs a particle must not interact with: itself (and its copy among negatives)."""
-    eye = torch.eye(N, dtype=like.dtype, device=like.device)
-    neg_block = eye if mask_negative_self else like.new_zeros(N, M)
-    return torch.cat([eye, neg_block, like.new_zeros(N, P)], dim=1)
+def mask_self_(logits: Tensor, r: float, N: int, mask_negative_self: bool) -> Tensor:
+    """Subtract 100 / r where a particle meets itself: the generated block's diagonal (and the negatives')."""
+    torch.diagonal(logits[..., :N], dim1=-2, dim2=-1).sub_(MASK_PENALTY / r)
+    if mask_negative_self:
+        torch.diagonal(logits[..., N:2 * N], dim1=-2, dim2=-1).sub_(MASK_PENALTY / r)
+    return logits
 
 
 def affinity(logits: Tensor, omega: Tensor) -> Tensor:
     """A_ij = omega_j sqrt(max(softmax_j(l)_ij softmax_i(l)_ij, 1e-6)): row x column normalised, geometric mean."""
-    row = logits.softmax(dim=-1)  # over targets j
-    col = logits.softmax(dim=-2)  # over generated particles i (of the same prompt)
-    return omega.unsqueeze(-2) * (row * col).clamp_min(AFFINITY_FLOOR).sqrt()
+    A = logits.softmax(dim=-1)  # row: over targets j
+    A.mul_(logits.softmax(dim=-2))  # column: over generated particles i (of the same prompt)
+    return A.clamp_min_(AFFINITY_FLOOR).sqrt_().mul_(omega.unsqueeze(-2))
 
 
 def dipole_field(A: Tensor, T: Tensor, x: Tensor, num_neg_side: int) -> Tensor:
@@ -177,7 +186,7 @@ def drift_field(
     """
     B, N, D = x.shape
     P, M = positives.shape[1], negatives.shape[1]
-    if positives.shape[::2] != (B, D) or negatives.shape[::2] != (B, D):
+    if any(a.dim() != 3 or a.shape[0] != B or a.shape[2] != D for a in (positives, negatives)):
         raise ValueError(f"shapes do not match: x {tuple(x.shape)}, positives {tuple(positives.shape)}, "
                          f"negatives {tuple(negatives.shape)}")
     if mask_negative_self and M != N:
@@ -197,12 +206,14 @@ def drift_field(
         s = feature_scale(dist, omega)
         sigma = (s / math.sqrt(D)).clamp_min(SCALE_FLOOR)
         x_tilde, T_tilde = x_c / sigma, T_c / sigma
-        mask = self_mask(N, M, P, mask_negative_self, x)
 
         F = torch.zeros_like(x)
         rms = []
         for r in radii:
-            logits = kernel(dist, s, r, x, T) - (MASK_PENALTY / r) * mask
+            logits = kernel(dist, s, r, x, T)
+            if logits.untyped_storage().data_ptr() == dist.untyped_storage().data_ptr():
+                logits = logits.clone()  # the mask is applied in place: keep dist intact for the next radius
+            mask_self_(logits, r, N, mask_negative_self)
             A = affinity(logits, omega)
             F_r = dipole_field(A, T_tilde, x_tilde, N + M)
             rms_r = F_r.pow(2).mean(dim=(1, 2)).clamp_min(RMS_SQ_FLOOR).sqrt()  # per prompt
@@ -296,6 +307,7 @@ class DriftEstimator:
         use_ref = reference is not None and self.ref_lambda != 0.0
         out = DriftTargets(pref_target={}, pref_sigma={}, ref_target={} if use_ref else None,
                            ref_sigma={} if use_ref else None)
+        stats: dict[str, Tensor] = {}
         for key, x in generated.items():
             x = x.detach()
             pref = drift_field(
@@ -304,7 +316,7 @@ class DriftEstimator:
             )
             out.pref_target[key] = x.to(pref.F.dtype) / pref.sigma + pref.F
             out.pref_sigma[key] = pref.sigma
-            self._record(out.stats, f"{key}/pref", pref, self.radii)
+            self._record(stats, f"{key}/pref", pref, self.radii)
             if use_ref:
                 # V_ref = mu_R - mu_Z: reference features attract, the generated set (itself masked) repels.
                 ref = drift_field(
@@ -314,17 +326,19 @@ class DriftEstimator:
                 )
                 out.ref_target[key] = x.to(ref.F.dtype) / ref.sigma + ref.F
                 out.ref_sigma[key] = ref.sigma
-                self._record(out.stats, f"{key}/ref", ref, self.ref_radii)
+                self._record(stats, f"{key}/ref", ref, self.ref_radii)
+        # one device-to-host copy for all diagnostics
+        out.stats = dict(zip(stats, torch.stack(list(stats.values())).tolist(), strict=True)) if stats else {}
         return out
 
     @staticmethod
-    def _record(stats: dict[str, float], prefix: str, fld: DriftField, radii: Sequence[float]) -> None:
+    def _record(stats: dict[str, Tensor], prefix: str, fld: DriftField, radii: Sequence[float]) -> None:
         """Diagnostics (means over prompts): per-radius RMS, s, sigma and mean(F^2) = the loss value now."""
         for r, rms_r in zip(radii, fld.rms, strict=True):
-            stats[f"{prefix}/rms_r{r:g}"] = rms_r.mean().item()
-        stats[f"{prefix}/s"] = fld.s.mean().item()
-        stats[f"{prefix}/sigma"] = fld.sigma.mean().item()
-        stats[f"{prefix}/field_sq"] = fld.F.pow(2).mean().item()
+            stats[f"{prefix}/rms_r{r:g}"] = rms_r.mean()
+        stats[f"{prefix}/s"] = fld.s.mean()
+        stats[f"{prefix}/sigma"] = fld.sigma.mean()
+        stats[f"{prefix}/field_sq"] = fld.F.pow(2).mean()
 
     def loss(
         self,

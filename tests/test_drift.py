@@ -379,6 +379,7 @@ def test_reference_skipped_when_lambda_is_zero():
     estimator = DriftEstimator(spy, ref_lambda=0.2)
     tg = estimator.targets(*data, {"k": ref})
     assert len(calls) == 6 and "k/ref/rms_r0.02" in tg.stats
+    assert all(isinstance(v, float) for v in tg.stats.values())
     out = estimator.loss({"k": x}, tg)
     torch.testing.assert_close(out["total"], out["pref"] + 0.2 * out["ref"])
 
@@ -401,3 +402,17 @@ def test_input_validation():
         drift_field(x, pos[..., :3], neg, kernel=laplacian)
     with pytest.raises(ValueError):
         DriftEstimator(laplacian, aggregation="max")
+
+
+def test_prompts_do_not_interact_and_low_precision_inputs_compute_in_float32():
+    x, pos, neg = _inputs(B=3)
+    batch = drift_field(x, pos, neg, kernel=laplacian)
+    for b in range(3):
+        one = drift_field(x[b:b + 1], pos[b:b + 1], neg[b:b + 1], kernel=laplacian)
+        torch.testing.assert_close(one.F, batch.F[b:b + 1], rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(one.rms, batch.rms[:, b:b + 1], rtol=1e-12, atol=0)
+    xb = x.bfloat16().requires_grad_(True)
+    loss, fld = drift_loss(xb, pos.bfloat16(), neg.bfloat16(), kernel=laplacian)
+    assert loss.dtype == fld.F.dtype == torch.float32
+    loss.sum().backward()
+    assert xb.grad.dtype == torch.bfloat16

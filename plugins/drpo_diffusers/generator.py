@@ -241,13 +241,14 @@ class TurboGenerator(Generator):
         return {key: value.detach().contiguous() for key, value in state.items()}
 
     def load_trainable_state_dict(self, state: Mapping[str, torch.Tensor]) -> None:
-        expected = set(self.trainable_state_dict())
-        missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
-        if missing or unexpected:
+        expected = self.trainable_state_dict()
+        missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
+        resized = sorted(k for k in set(expected) & set(state) if expected[k].shape != state[k].shape)
+        if missing or unexpected or resized:
             raise PluginError(
-                f"checkpoint does not fit this generator: {len(missing)} missing keys "
-                f"{missing[:2]}, {len(unexpected)} unexpected keys {unexpected[:2]} "
-                "(different LoRA rank/targets or lora setting?)"
+                f"checkpoint does not fit this generator: {len(missing)} missing, {len(unexpected)} unexpected, "
+                f"{len(resized)} resized keys, e.g. {(missing + unexpected + resized)[0]} "
+                "(different LoRA rank, targets or lora setting?)"
             )
         if self.lora:
             set_peft_model_state_dict(self.unet, dict(state))

@@ -172,3 +172,26 @@ def make_tiny_sdxl(directory: str | Path, seed: int = 0) -> Path:
     )
     pipe.save_pretrained(directory)
     return directory
+
+
+def build_tiny_pipelines(root: str | Path) -> dict[str, Path]:
+    """``{"sd": dir, "sdxl": dir}`` under ``root``, built once (reused when already there)."""
+    root = Path(root)
+    dirs = {"sd": root / "tiny-sd-turbo", "sdxl": root / "tiny-sdxl-turbo"}
+    for arch, builder in (("sd", make_tiny_sd), ("sdxl", make_tiny_sdxl)):
+        if not (dirs[arch] / "model_index.json").is_file():
+            builder(dirs[arch])
+    return dirs
+
+
+def tiny_generator(architecture: str, directory: str | Path, **options):
+    """A :class:`TurboGenerator` on a tiny pipeline directory, at ``TINY_RESOLUTION`` on the CPU."""
+    from drpo_core.context import BuildContext
+    from drpo_diffusers import SDTurboOptions, SDXLTurboOptions
+    from drpo_diffusers.generator import TurboGenerator
+
+    options_cls = {"sd": SDTurboOptions, "sdxl": SDXLTurboOptions}[architecture]
+    options.setdefault("resolution", TINY_RESOLUTION)
+    return TurboGenerator.from_options(
+        options_cls(model=str(directory), **options), BuildContext(), architecture=architecture
+    )

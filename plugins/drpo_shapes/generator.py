@@ -105,8 +105,9 @@ class ShapesGenerator(Generator):
         device: str | torch.device = "cpu",
         seed: int = 0,
     ):
-        torch.manual_seed(seed)  # the random init, when there are no weights to load
-        self.net = ShapesUNet()
+        with torch.random.fork_rng(devices=[]):  # a seeded random init that leaves the global RNG alone
+            torch.manual_seed(seed)
+            self.net = ShapesUNet()
         if init == "pretrained":
             path = Path(weights) if weights is not None else DEFAULT_WEIGHTS
             if path.exists():

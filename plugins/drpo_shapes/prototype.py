@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import os
 import random
 import time
 
@@ -54,11 +55,26 @@ def fmt(report):
     return " ".join(f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}" for k, v in report.items())
 
 
-def pretrain(gen, feats, prompts, steps, batch_prompts, k, lr, seconds):
+def pretrain(gen, feats, prompts, steps, batch_prompts, k, lr, seconds, state_path=None):
+    """Data drift: real renders of the prompt attract, the generator's own samples repel.
+
+    With ``state_path`` the run is resumable: re-running continues where the time limit stopped it.
+    """
     opt = torch.optim.Adam(gen.trainable_parameters(), lr=lr)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
+    first = 0
+    if state_path and os.path.exists(state_path):
+        state = torch.load(state_path)
+        gen.net.load_state_dict(state["net"])
+        opt.load_state_dict(state["opt"])
+        sched.load_state_dict(state["sched"])
+        first = state["step"]
+        random.setstate(state["random"])
+        torch.set_rng_state(state["torch"])
+        print(f"resumed at step {first}")
     start = time.time()
-    for step in range(steps):
+    step = first - 1
+    for step in range(first, steps):
         batch = random.sample(prompts, batch_prompts)
         repeated = [p for p in batch for _ in range(k)]
         real = render_batch(repeated, [random.randrange(10**9) for _ in repeated])
@@ -75,11 +91,15 @@ def pretrain(gen, feats, prompts, steps, batch_prompts, k, lr, seconds):
         opt.step()
         sched.step()
         if step % 50 == 0:
-            print(f"pretrain {step} loss={loss.item():.2f} {(time.time() - start) / (step + 1):.2f}s/step", flush=True)
-        if time.time() - start > seconds:
+            print(f"pretrain {step} loss={loss.item():.2f} {(time.time() - start) / (step + 1 - first):.2f}s/step",
+                  flush=True)
+        if time.time() - start > seconds and step + 1 < steps:
             print(f"pretrain stopped by time at step {step}")
             break
-    return (time.time() - start) / (step + 1)
+    if state_path:
+        torch.save({"net": gen.net.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict(),
+                    "step": step + 1, "random": random.getstate(), "torch": torch.get_rng_state()}, state_path)
+    return (time.time() - start) / max(1, step + 1 - first), step + 1 >= steps
 
 
 def pick(indices, n):
@@ -154,6 +174,7 @@ def main():
     parser.add_argument("--shuffle", action="store_true", help="random ranking (control)")
     parser.add_argument("--save", default=None, help="path for the pretrained weights ('default': the package's)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--state", default=None, help="resumable pretraining state (.pt)")
     args = parser.parse_args()
     torch.set_num_threads(2)
     random.seed(args.seed)
@@ -161,13 +182,15 @@ def main():
     gen = ShapesGenerator(weights=args.weights, init=args.init, seed=args.seed)
     feats, ranker, prompts = ShapesFeatures(), ShapesCountingRanker(), all_prompts()
     if args.pretrain_steps:
-        sps = pretrain(gen, feats, prompts, args.pretrain_steps, args.batch_prompts, args.k, args.lr, args.seconds)
+        sps, done = pretrain(gen, feats, prompts, args.pretrain_steps, args.batch_prompts, args.k, args.lr,
+                             args.seconds, args.state)
         print(f"pretrain {sps:.2f} s/step")
-        if args.save:
+        if args.save and done:
             from safetensors.torch import save_file
 
             save_file(gen.trainable_state_dict(), str(DEFAULT_WEIGHTS if args.save == "default" else args.save))
-        gen = ShapesGenerator(weights=args.save, init="pretrained") if args.save else gen
+        if args.save and done:
+            gen = ShapesGenerator(weights=DEFAULT_WEIGHTS if args.save == "default" else args.save)
     print("eval before finetune:", fmt(evaluate(gen, ranker, prompts)), flush=True)
     if args.finetune_steps:
         sps = finetune(gen, feats, ranker, prompts, args.finetune_steps, args.batch_prompts, args.k, args.ft_lr,

@@ -1,0 +1,83 @@
+"""The toy generator (drpo_shapes.generator) and feature space (drpo_shapes.features)."""
+
+import pytest
+import torch
+
+from drpo_core.errors import ComponentError
+from drpo_core.interfaces import FeatureSpace, Generator
+from drpo_shapes.features import ShapesFeatures
+from drpo_shapes.generator import ShapesGenerator
+
+PROMPTS = ["one red square", "four blue triangles"]
+
+
+@pytest.fixture(scope="module")
+def generator():
+    return ShapesGenerator(init="random", seed=0)
+
+
+def noise(n, seed=0):
+    return torch.randn((n, *ShapesGenerator.noise_shape), generator=torch.Generator().manual_seed(seed))
+
+
+def test_sample_shape_range_and_noise_dependence(generator):
+    assert isinstance(generator, Generator) and generator.noise_shape == (8, 16, 16)
+    x = generator.sample(PROMPTS, noise(2))
+    assert x.shape == (2, 3, 32, 32)
+    assert 0.0 <= x.min() and x.max() <= 1.0
+    other = generator.sample(PROMPTS, noise(2, seed=1))
+    assert not torch.allclose(x, other)
+    assert torch.equal(generator.decode(x), x) and torch.equal(generator.encode(x), x)
+    assert 300_000 < sum(p.numel() for p in generator.trainable_parameters()) < 600_000
+
+
+def test_gradients_reach_every_parameter_and_reference_stays_frozen():
+    gen = ShapesGenerator(init="random", seed=0)
+    z = noise(2)
+    before = gen.reference(PROMPTS, z)
+    assert not before.requires_grad
+    assert torch.allclose(before, gen.sample(PROMPTS, z))
+    gen.sample(PROMPTS, z).mean().backward()
+    assert all(p.grad is not None for p in gen.trainable_parameters())
+    torch.optim.SGD(gen.trainable_parameters(), lr=1.0).step()
+    assert torch.equal(gen.reference(PROMPTS, z), before)
+    assert not torch.allclose(gen.sample(PROMPTS, z), before)
+
+
+def test_state_dict_round_trip_and_weights_file(tmp_path):
+    from safetensors.torch import save_file
+
+    trained = ShapesGenerator(init="random", seed=1)
+    path = tmp_path / "w.safetensors"
+    save_file(trained.trainable_state_dict(), str(path))
+    loaded = ShapesGenerator(weights=path)
+    z = noise(2)
+    assert torch.allclose(loaded.sample(PROMPTS, z), trained.sample(PROMPTS, z))
+    assert torch.allclose(loaded.reference(PROMPTS, z), trained.sample(PROMPTS, z))
+    with pytest.raises(ComponentError, match="not found"):
+        ShapesGenerator(weights=tmp_path / "missing.safetensors")
+    with pytest.raises(ComponentError, match="do not match"):
+        loaded.load_trainable_state_dict({"bogus": torch.zeros(1)})
+
+
+def test_unknown_prompt_is_a_clear_error(generator):
+    with pytest.raises(ValueError, match="not a shapes prompt"):
+        generator.sample(["a photo of a cat"], noise(1))
+
+
+def test_features_are_frozen_differentiable_and_deterministic():
+    space = ShapesFeatures()
+    assert isinstance(space, FeatureSpace) and space.input == "images"
+    assert not any(p.requires_grad for p in space.cnn.parameters())
+    x = torch.rand(3, 3, 32, 32, requires_grad=True)
+    out = space.features(x)
+    assert len(out) == 37
+    assert out["patch8@0,0"].shape == (3, 1, 192) and out["patch4@3,3"].shape == (3, 4, 48)
+    assert out["pool4"].shape == (3, 1, 192) and out["color"].shape == (3, 1, 3)
+    assert out["cnn3"].shape == (3, 1, 64)
+    sum(v.sum() for v in out.values()).backward()
+    assert x.grad is not None and x.grad.abs().sum() > 0
+    again = ShapesFeatures().features(x.detach())
+    assert all(torch.equal(again[k], v.detach()) for k, v in out.items())
+    # the 8x8 patch of cell (1, 2) is exactly those pixels
+    assert torch.equal(out["patch8@1,2"][0, 0], x[0, :, 8:16, 16:24].reshape(-1).detach())

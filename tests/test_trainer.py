@@ -1,0 +1,270 @@
+"""The training loop on the tiny fakes: learning, exact resume, chunking, sources and failures."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from drpo_core.config import resolve_config
+from drpo_core.errors import ComponentError
+from drpo_core.hookspecs import hookimpl
+from drpo_core.metrics import read_metrics
+from drpo_core.testing import BrightnessRanker, make_registry
+from drpo_core.trainer import Trainer
+
+PROMPTS = ["a red apple", "a blue car", "a green tree", "a cat", "a dog", "a house", "the sea", "a bird"]
+
+
+def tiny_config(tmp_path: Path, **sections) -> dict:
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("\n".join(PROMPTS) + "\n")
+    config = {
+        "seed": 3, "generator": "tiny", "rankers": ["tiny-brightness"], "features": "tiny-pixels",
+        "prompts": {"path": str(prompts), "eval_count": 2},
+        "selection": {"candidates": 8, "positives": 2, "negatives": 2},
+        "train": {"steps": 6, "prompts_per_step": 2, "lr": 0.05},
+        "eval": {"seeds": "0-7"}, "checkpoint": {"every": 3}, "log": {"progress": False},
+        "output_dir": str(tmp_path / "run"),
+    }
+    for section, values in sections.items():
+        config[section] = {**config.get(section, {}), **values} if isinstance(values, dict) else values
+    return config
+
+
+def run(config: dict, *plugins) -> tuple[Trainer, dict]:
+    registry = make_registry(*plugins)
+    trainer = Trainer(resolve_config(base=config, registry=registry), registry=registry)
+    return trainer, trainer.train()
+
+
+class ShuffledBrightness(BrightnessRanker):
+    """The same scores, randomly permuted within each call: the ranking carries no information."""
+
+    def __init__(self):
+        self.generator = torch.Generator().manual_seed(0)
+
+    def score(self, images, prompts, metadata):
+        scores = super().score(images, prompts, metadata)
+        return scores[torch.randperm(len(scores), generator=self.generator)]
+
+
+class _ShuffledPlugin:
+    @hookimpl
+    def drpo_register_rankers(self, register):
+        register("shuffled-brightness", lambda o, c: ShuffledBrightness())
+
+
+def test_ranking_drives_the_gain_not_repulsion_or_reference(tmp_path):
+    steps = {"steps": 15}
+    _, ranked = run(tiny_config(tmp_path / "a", train=steps))
+    _, shuffled = run(tiny_config(tmp_path / "b", train=steps, rankers=["shuffled-brightness"],
+                                  eval={"rankers": ["tiny-brightness"]}), _ShuffledPlugin())
+    gain = ranked["score/tiny-brightness"] - ranked["base_score/tiny-brightness"]
+    control = shuffled["score/tiny-brightness"] - shuffled["base_score/tiny-brightness"]
+    assert gain > 0.1, gain
+    assert abs(control) < gain / 4, (gain, control)
+
+
+def test_run_writes_outputs_and_per_step_metrics(tmp_path):
+    trainer, summary = run(tiny_config(tmp_path))
+    run_dir = Path(trainer.run_dir)
+    metrics = read_metrics(run_dir / "metrics.jsonl")
+    assert [m["step"] for m in metrics] == [1, 2, 3, 4, 5, 6]
+    first = metrics[0]
+    for key in ("loss_pref", "loss_ref", "grad_norm", "score_positives", "score_negatives", "skip_failure"):
+        assert key in first
+    assert first["score_positives"] > first["score_negatives"]
+    assert {"mean/pref/rms_r0.02", "cells/pref/s"} <= set(first)
+    assert {"sample", "reference", "features", "rank", "drift", "backward", "optimizer"} <= set(first["time"])
+    assert (run_dir / "config.yaml").read_text().startswith("seed: 3")
+    info = json.loads((run_dir / "run.json").read_text())
+    assert info["packages"]["torch"] == torch.__version__.split("+")[0] or info["packages"]["torch"]
+    assert (run_dir / "checkpoints" / "latest").read_text().strip() == "step-000006"
+    assert (run_dir / "grid-step000006.png").is_file() and (run_dir / "reward-curve.png").is_file()
+    evals = [json.loads(line) for line in (run_dir / "eval.jsonl").read_text().splitlines()]
+    assert [e["step"] for e in evals] == [0, 6] and evals[0]["samples"] == 2 * 8
+    assert summary["diversity_ratio"] > 0
+
+
+def test_chunked_gradients_equal_unchunked(tmp_path):
+    grads = []
+    for chunk in (None, 3):
+        registry = make_registry()
+        config = tiny_config(tmp_path / str(chunk), train={"candidate_chunk": chunk})
+        trainer = Trainer(resolve_config(base=config, registry=registry), registry=registry)
+        trainer.timer = __import__("drpo_core.metrics", fromlist=["StepTimer"]).StepTimer()
+        trainer.optimizer.zero_grad()
+        trainer.micro_step(0, trainer.stream.next_batch(2), 1.0)
+        grads.append(torch.cat([p.grad.flatten() for p in trainer.generator.trainable_parameters()]))
+    # float32 sums in another order: equal to rounding, 1e-5 of the largest gradient entry
+    torch.testing.assert_close(grads[1], grads[0], rtol=0, atol=1e-5 * grads[0].abs().max().item())
+    assert grads[0].abs().sum() > 0
+
+
+def _write_images(folder: Path, value: int, count: int) -> list[str]:
+    folder.mkdir(parents=True, exist_ok=True)
+    names = []
+    for i in range(count):
+        noise = np.random.default_rng(i).integers(-20, 20, (8, 8, 3))
+        Image.fromarray(np.clip(value + noise, 0, 255).astype(np.uint8)).save(folder / f"{i}.png")
+        names.append(f"{folder.name}/{i}.png")
+    return names
+
+
+def test_offline_pairs_move_samples_toward_chosen(tmp_path):
+    bright, dark = _write_images(tmp_path / "bright", 230, 3), _write_images(tmp_path / "dark", 25, 3)
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text("".join(json.dumps({"prompt": p, "chosen": bright, "rejected": dark}) + "\n" for p in PROMPTS))
+    config = tiny_config(tmp_path, source={"kind": "offline", "path": str(pairs)},
+                         train={"steps": 12, "prompts_per_step": 1}, drift={"ref_lambda": 0.0})
+    _, summary = run(config)
+    assert summary["score/tiny-brightness"] > summary["base_score/tiny-brightness"] + 0.1
+
+
+def test_offline_bad_rows_name_file_and_line(tmp_path):
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text(json.dumps({"prompt": "a cat", "chosen": "missing.png", "rejected": []}) + "\n")
+    with pytest.raises(Exception, match=r"pairs.jsonl:1: chosen image not found: missing.png"):
+        run(tiny_config(tmp_path, source={"kind": "offline", "path": str(pairs)}))
+
+
+def test_nan_scores_are_skipped_then_stop_the_run_naming_the_ranker(tmp_path):
+    config = tiny_config(tmp_path, rankers=[{"name": "tiny-broken", "mode": "nan"}],
+                         train={"steps": 6, "max_failures": 5}, prompts={"eval_count": 0})
+    with pytest.raises(ComponentError, match=r"prompts failed .*tiny-broken.* non-finite"):
+        run(config)
+    metrics = read_metrics(tmp_path / "run" / "metrics.jsonl")
+    assert [m["skip_failure"] for m in metrics] == [2, 2]  # the third step crosses the limit
+
+
+def test_ranker_exceptions_count_as_failures(tmp_path):
+    config = tiny_config(tmp_path, rankers=[{"name": "tiny-broken", "mode": "raise"}],
+                         train={"steps": 2, "max_failures": 10}, prompts={"eval_count": 0})
+    run(config)
+    metrics = read_metrics(tmp_path / "run" / "metrics.jsonl")
+    assert [m["skip_failure"] for m in metrics] == [2, 2]
+    assert "scorer crashed" in metrics[0]["failure"]
+
+
+def test_wrong_score_count_is_one_clear_error(tmp_path):
+    config = tiny_config(tmp_path, rankers=[{"name": "tiny-broken", "mode": "wrong-count"}],
+                         prompts={"eval_count": 0})
+    with pytest.raises(ComponentError, match=r"ranker 'tiny-broken' returned 17 scores for 16 images"):
+        run(config)
+
+
+class ThresholdRanker(BrightnessRanker):
+    """Binary: 1 when an image is brighter than the threshold (GenEval-style correctness)."""
+
+    binary = True
+
+    def score(self, images, prompts, metadata):
+        return (super().score(images, prompts, metadata) > 0.48).float()
+
+
+class _BinaryPlugin:
+    @hookimpl
+    def drpo_register_rankers(self, register):
+        register("bright-enough", lambda o, c: ThresholdRanker())
+
+
+def test_binary_rollout_counts_skips_and_learns(tmp_path):
+    config = tiny_config(tmp_path, rankers=["bright-enough"], train={"steps": 10},
+                         selection={"rollout_rounds": 3})
+    trainer, summary = run(config, _BinaryPlugin())
+    metrics = read_metrics(Path(trainer.run_dir) / "metrics.jsonl")
+    assert all("skip_rollout" in m for m in metrics)
+    assert summary["score/bright-enough"] > summary["base_score/bright-enough"]
+
+
+# -- exact resume and signals (true subprocesses) -------------------------------------------------
+
+SCRIPT = textwrap.dedent("""
+    import os, sys, signal
+    from drpo_core.hookspecs import hookimpl
+    from drpo_core.registry import set_registry
+    from drpo_core.testing import BrightnessRanker, make_registry
+
+    class KillingBrightness(BrightnessRanker):
+        calls = 0
+        def score(self, images, prompts, metadata):
+            KillingBrightness.calls += 1
+            if KillingBrightness.calls == int(os.environ.get("KILL_AT_CALL", "0")):
+                os.kill(os.getpid(), signal.SIGKILL)
+            if os.environ.get("SLOW"):
+                import time; time.sleep(0.3)
+            return super().score(images, prompts, metadata)
+
+    class Plugin:
+        @hookimpl
+        def drpo_register_rankers(self, register):
+            register("killing-brightness", lambda o, c: KillingBrightness())
+
+    set_registry(make_registry(Plugin()))
+    from drpo_cli.main import app
+    app(sys.argv[1:])
+""")
+
+
+def _cli(tmp_path: Path, config: dict, *args: str, env: dict | None = None, wait: bool = True):
+    script, recipe = tmp_path / "cli.py", tmp_path / "recipe.yaml"
+    script.write_text(SCRIPT)
+    recipe.write_text(json.dumps(config))  # JSON is YAML
+    command = [sys.executable, str(script), "train", "--config", str(recipe), *args]
+    full_env = {**os.environ, **(env or {})}
+    if not wait:
+        return subprocess.Popen(command, env=full_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return subprocess.run(command, env=full_env, capture_output=True, text=True, timeout=300)
+
+
+def _without_time(metrics):
+    return [{k: v for k, v in m.items() if k != "time"} for m in metrics]
+
+
+@pytest.mark.slow
+def test_sigkill_then_resume_matches_an_uninterrupted_run(tmp_path):
+    config = tiny_config(tmp_path, rankers=["killing-brightness"], prompts={"eval_count": 0})
+    straight = _cli(tmp_path, {**config, "output_dir": str(tmp_path / "straight")})
+    assert straight.returncode == 0, straight.stderr
+    killed_dir = tmp_path / "killed"
+    killed = _cli(tmp_path, {**config, "output_dir": str(killed_dir)}, env={"KILL_AT_CALL": "5"})
+    assert killed.returncode == -signal.SIGKILL
+    assert len(read_metrics(killed_dir / "metrics.jsonl")) == 4  # step 4 was written after checkpoint 3
+    resumed = _cli(tmp_path, {**config, "output_dir": str(killed_dir)}, "--resume", "latest")
+    assert resumed.returncode == 0, resumed.stderr
+
+    from drpo_core.checkpoint import load_checkpoint, resolve_checkpoint
+
+    a = load_checkpoint(resolve_checkpoint(tmp_path / "straight")).trainable
+    b = load_checkpoint(resolve_checkpoint(killed_dir)).trainable
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert _without_time(read_metrics(killed_dir / "metrics.jsonl")) == _without_time(
+        read_metrics(tmp_path / "straight" / "metrics.jsonl"))
+
+
+@pytest.mark.slow
+def test_sigterm_writes_a_checkpoint_and_exits(tmp_path):
+    config = tiny_config(tmp_path, rankers=["killing-brightness"], prompts={"eval_count": 0},
+                         train={"steps": 200}, checkpoint={"every": 1000})
+    process = _cli(tmp_path, config, env={"SLOW": "1"}, wait=False)
+    metrics = tmp_path / "run" / "metrics.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline and not (metrics.exists() and metrics.read_text().count("\n") >= 2):
+        time.sleep(0.2)
+    process.send_signal(signal.SIGTERM)
+    out, err = process.communicate(timeout=120)
+    assert process.returncode == 0, err
+    steps = len(read_metrics(metrics))
+    latest = (tmp_path / "run" / "checkpoints" / "latest").read_text().strip()
+    assert latest == f"step-{steps:06d}" and 2 <= steps < 200
+    assert "stopped by SIGTERM" in out and "--resume latest" in out
