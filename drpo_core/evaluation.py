@@ -31,11 +31,11 @@ class Evaluator:
         self.best, self.evals_without_gain = -float("inf"), 0
 
     def _noise(self) -> torch.Tensor:
-        from drpo_core.trainer import make_noise
+        from drpo_core.runs import sample_noise
 
         shape = self.trainer.generator.noise_shape
-        return torch.cat([make_noise(shape, seed, -1 - i, range(1))
-                          for i in range(len(self.trainer.eval_prompts)) for seed in self.cfg.seeds])
+        return torch.stack([sample_noise(shape, i, seed)
+                            for i in range(len(self.trainer.eval_prompts)) for seed in self.cfg.seeds])
 
     def _generate(self, reference: bool) -> tuple[torch.Tensor, torch.Tensor]:
         """Latents and images of every (held-out prompt, seed), in batches, without grad."""

@@ -108,6 +108,65 @@ def config_validate(file: Annotated[Path, typer.Argument(help="YAML recipe to ch
     typer.echo(f"{file}: valid")
 
 
+@app.command()
+def sample(prompts: Annotated[Path, typer.Option("--prompts", help="Prompt file (.txt, .jsonl, .tsv).")],
+           out: Annotated[Path, typer.Option("--out", help="Folder for the images and manifest.jsonl.")],
+           run: Annotated[Path | None, typer.Option("--run", help="A run directory (its latest weights).")] = None,
+           generator: GeneratorOpt = None, assignments: SetOpt = None,
+           seeds: Annotated[str, typer.Option(help="Seeds: 42-46 or 1,5,9.")] = "42-46",
+           device: Annotated[str, typer.Option(help="cpu, cuda, cuda:N.")] = "cpu"):
+    """Generate images for prompts x seeds, with a manifest that `drpo eval` reads."""
+    from drpo_core.config import parse_seeds
+    from drpo_core.prompts import load_prompts
+    from drpo_core.runs import load_generator, sample_images
+
+    resolved = None
+    if run is None:
+        resolved = _resolve(None, generator, None, None, None, assignments, None)
+    _, model = load_generator(run, resolved, device=device)
+    try:
+        seed_list = parse_seeds(seeds)
+    except ValueError as error:
+        raise DrpoError(f"--seeds: {error}") from None
+    manifest = sample_images(model, load_prompts(prompts), seed_list, out)
+    typer.echo(f"wrote {manifest}")
+
+
+@app.command("eval")
+def evaluate(manifest: Annotated[Path, typer.Argument(help="manifest.jsonl written by `drpo sample`.")],
+             rankers: Annotated[list[str], typer.Option("--ranker", help="Ranker NAME[:VARIANT], repeatable.")]):
+    """Score the images of a manifest with one or more rankers (mean per ranker)."""
+    from drpo_core.context import BuildContext
+    from drpo_core.registry import get_registry
+    from drpo_core.runs import score_manifest
+
+    registry = get_registry()
+    built = [(name, registry.build("ranker", name, {}, BuildContext(), "--ranker")) for name in rankers]
+    for name, mean in score_manifest(manifest, built).items():
+        typer.echo(f"{name}\t{mean:.6f}")
+
+
+@app.command()
+def export(run: Annotated[Path, typer.Argument(help="Run directory.")],
+           out: Annotated[Path | None, typer.Option("--out", help="Output folder (default RUN/export-FORMAT).")] = None,
+           format: Annotated[str, typer.Option("--format", help="diffusers or kohya.")] = "diffusers",
+           fuse: Annotated[bool, typer.Option("--fuse", help="Write a full pipeline with the weights fused.")] = False):
+    """Export a run's trained generator for use outside drpo (with a model card)."""
+    from drpo_core.runs import load_generator
+
+    resolved, model = load_generator(run)
+    if not hasattr(model, "export"):
+        raise DrpoError(f"generator {resolved.config.generator.name!r} has no export formats")
+    target = out or run / f"export-{format}{'-fused' if fuse else ''}"
+    card = {"config": resolved.to_dict(), "run": str(run.name), "metrics": _last_eval(run)}
+    typer.echo(f"wrote {model.export(target, format=format, fuse=fuse, card=card)}")
+
+
+def _last_eval(run: Path) -> dict[str, Any]:
+    lines = (run / "eval.jsonl").read_text().splitlines() if (run / "eval.jsonl").is_file() else []
+    return json.loads(lines[-1]) if lines else {}
+
+
 @app.command("list-plugins")
 def list_plugins(as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False):
     """Every plugin, the components it registers, where it comes from, and its state."""

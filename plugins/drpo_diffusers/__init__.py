@@ -38,7 +38,7 @@ class TurboOptions(BaseModel):
         min_length=1,
     )
     gradient_checkpointing: bool = True
-    resolution: int = Field(512, ge=64, description="image size in pixels (square)")
+    resolution: int = Field(512, ge=8, description="image size in pixels (square)")
     decode_chunk: int = Field(4, ge=1, description="images the VAE decodes at once")
     vae_slicing: bool = False
     vae_tiling: bool = False

@@ -13,8 +13,8 @@ import json
 import tempfile
 from pathlib import Path
 
-#: image size the tiny pipelines are meant for (latents of 32 x 32)
-TINY_RESOLUTION = 64
+#: image size the tiny pipelines are meant for (latents of 16 x 16)
+TINY_RESOLUTION = 32
 
 _SCHEDULER_KW = dict(
     beta_start=0.00085,

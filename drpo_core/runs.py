@@ -1,0 +1,90 @@
+"""Using a finished (or running) run: rebuild its generator with the trained weights, sample, score."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+from drpo_core.checkpoint import load_checkpoint, resolve_checkpoint
+from drpo_core.config import ResolvedConfig, read_yaml, resolve_config
+from drpo_core.context import BuildContext
+from drpo_core.errors import DrpoError
+from drpo_core.prompts import PromptRecord
+from drpo_core.registry import get_registry
+from drpo_core.sources import load_image
+
+
+def sample_noise(shape: Sequence[int], prompt_position: int, seed: int) -> torch.Tensor:
+    """The noise of (prompt, seed) at evaluation and sampling time: disjoint from training noise."""
+    from drpo_core.trainer import make_noise
+
+    return make_noise(shape, seed, -1 - prompt_position, range(1))[0]
+
+
+def load_generator(run_dir: str | Path | None = None, config: ResolvedConfig | None = None,
+                   checkpoint: str = "latest", device: str = "cpu") -> tuple[ResolvedConfig, Any]:
+    """The run's generator with its trained weights (or a config's untrained generator)."""
+    registry = get_registry()
+    if run_dir is not None:
+        run_dir = Path(run_dir)
+        path = resolve_checkpoint(run_dir, checkpoint)
+        config = resolve_config(base=read_yaml(path / "config.yaml"))
+    if config is None:
+        raise DrpoError("give a run directory (--run) or a generator (--generator)")
+    cfg = config.config
+    context = BuildContext(device=device, mixed_precision=cfg.train.mixed_precision, seed=cfg.seed,
+                           config_dir=config.config_dir)
+    generator = registry.build("generator", cfg.generator.name, cfg.generator.options, context, "generator")
+    if run_dir is not None:
+        trained = load_checkpoint(path).trainable
+        generator.load_trainable_state_dict({k: v for k, v in trained.items() if not k.startswith("ema.")})
+    return config, generator
+
+
+def sample_images(generator: Any, records: Sequence[PromptRecord], seeds: Sequence[int], out_dir: Path,
+                  batch_size: int = 8) -> Path:
+    """PNG files and a ``manifest.jsonl`` of ``{"prompt", "seed", "file"}`` rows."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    jobs = [(i, record, seed) for i, record in enumerate(records) for seed in seeds]
+    rows = []
+    generator.train(False)
+    for start in range(0, len(jobs), batch_size):
+        chunk = jobs[start:start + batch_size]
+        noise = torch.stack([sample_noise(generator.noise_shape, i, s) for i, _, s in chunk]).to(generator.device)
+        with torch.no_grad():
+            images = generator.decode(generator.sample([r.text for _, r, _ in chunk], noise)).float().clamp(0, 1)
+        for (i, record, seed), image in zip(chunk, images.cpu(), strict=True):
+            name = f"p{i:05d}-s{seed}.png"
+            pixels = (image.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
+            Image.fromarray(pixels).save(out_dir / name)
+            rows.append({"prompt": record.text, "seed": seed, "file": name, "metadata": record.metadata})
+    manifest = out_dir / "manifest.jsonl"
+    manifest.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return manifest
+
+
+def score_manifest(manifest: Path, rankers: Sequence[tuple[str, Any]], batch_size: int = 16) -> dict[str, float]:
+    """Mean score of each ranker over the images a manifest lists; writes ``scores.jsonl`` beside it."""
+    if not manifest.is_file():
+        raise DrpoError(f"manifest not found: {manifest}")
+    rows = [json.loads(line) for line in manifest.read_text().splitlines() if line.strip()]
+    if not rows:
+        raise DrpoError(f"{manifest}: no images listed")
+    scores: dict[str, list[float]] = {name: [] for name, _ in rankers}
+    for start in range(0, len(rows), batch_size):
+        chunk = rows[start:start + batch_size]
+        images = torch.stack([load_image(manifest.parent / row["file"]) for row in chunk])
+        for name, ranker in rankers:
+            with torch.no_grad():
+                values = ranker.score(images, [r["prompt"] for r in chunk], [r.get("metadata") for r in chunk])
+            scores[name] += torch.as_tensor(values, dtype=torch.float32).flatten().tolist()
+    with (manifest.parent / "scores.jsonl").open("w") as handle:
+        for i, row in enumerate(rows):
+            handle.write(json.dumps({"file": row["file"], **{n: s[i] for n, s in scores.items()}}) + "\n")
+    return {name: float(np.mean(values)) for name, values in scores.items()}
