@@ -14,7 +14,6 @@ pluggy still holds the hook specifications and validates every plugin's hooks (`
 from __future__ import annotations
 
 import difflib
-import importlib
 import os
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
@@ -125,11 +124,14 @@ class Registry:
             name = getattr(module, "__name__", type(module).__name__)
             info = PluginInfo(name, name, "(local)", "", builtin=False)
         self.plugins.append(info)
+        registered = False
         try:
             self.manager.register(module, name=f"{info.distribution}:{info.name}")
+            registered = True
             self.manager.check_pending()
         except Exception as error:
-            self.manager.unregister(module)
+            if registered:  # a module registered twice must not unregister its first, working copy
+                self.manager.unregister(module)
             self._mark_broken(info, error, append=False)
             return info
         for kind, hook_name in _HOOKS.items():

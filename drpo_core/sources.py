@@ -201,9 +201,6 @@ class OfflineSource:
         self.encode, self.image_size = encode, image_size
         self._cache: dict[Path, torch.Tensor] = {}
 
-    def prompts(self) -> list[str]:
-        return list(self.pairs)
-
     def _latents(self, paths: list[Path]) -> torch.Tensor:
         missing = [p for p in paths if p not in self._cache]
         if missing:

@@ -51,6 +51,7 @@ from drpo_core.sources import (
     OfflineSource,
     OnlineSource,
     check_scores,
+    read_pairs,
     summarise_skips,
 )
 
@@ -113,12 +114,13 @@ class Trainer:
         )
         self.device = self.accelerator.device if train.device in ("auto", "cpu") else torch.device(train.device)
         self.k = self.cfg.selection.candidates
-        self._build_components(data_sampler)
+        self._build_components()
         self._build_prompts()
+        self.source = self._build_source(data_sampler)
 
     # -- setup -----------------------------------------------------------------------------
 
-    def _build_components(self, data_sampler: DataSampler | None) -> None:
+    def _build_components(self) -> None:
         cfg, build = self.cfg, self.registry.build
         context = BuildContext(device=str(self.device), mixed_precision=cfg.train.mixed_precision,
                                seed=cfg.seed, config_dir=self.resolved.config_dir)
@@ -140,7 +142,6 @@ class Trainer:
             ref_radii=tuple(drift.ref_radii) if drift.ref_radii else None, aggregation=drift.aggregation,
         )
         self.binary = all(getattr(ranker, "binary", False) for _, ranker, _ in self.rankers)
-        self.source = self._build_source(data_sampler)
         params = self.generator.trainable_parameters()
         if not params:
             raise DrpoError(f"generator {cfg.generator.name!r} has no trainable parameters")
@@ -163,17 +164,18 @@ class Trainer:
                             rollout_rounds=cfg.selection.rollout_rounds, seed=cfg.seed)
 
     def _probe_image(self) -> torch.Tensor:
+        """One base image, to learn the size data images are brought to."""
         noise = make_noise(self.generator.noise_shape, 0, 0, range(1)).to(self.device)
         with torch.no_grad():
-            return self.generator.decode(self.generator.reference(["probe"], noise))
+            return self.generator.decode(self.generator.reference([self.train_prompts[0].text], noise))
 
     def _path(self, path: str) -> Path:
         return resolve_path(path, self.resolved.config_dir)
 
     def _build_prompts(self) -> None:
         p = self.cfg.prompts
-        if p.path is None and isinstance(self.source, OfflineSource):
-            records = [PromptRecord(text, None) for text in self.source.prompts()]
+        if p.path is None and self.cfg.source.kind == "offline":
+            records = [PromptRecord(text, None) for text in read_pairs(self._path(self.cfg.source.path))]
         elif p.path is None:
             raise DrpoError("prompts.path: required (a prompt file, or pkg://package/file)")
         else:

@@ -9,16 +9,30 @@ import json
 import pytest
 import torch
 from diffusers import DiffusionPipeline
+from drpo_diffusers.export import DIFFUSERS_WEIGHT_NAME, KOHYA_WEIGHT_NAME, export_generator
+from drpo_diffusers.testing import TINY_RESOLUTION, build_tiny_pipelines, tiny_generator
 from peft.tuners.tuners_utils import BaseTunerLayer
 from safetensors import safe_open
 
 from drpo_core.errors import ConfigError
-from drpo_diffusers.export import DIFFUSERS_WEIGHT_NAME, KOHYA_WEIGHT_NAME, export_generator
-from drpo_diffusers.testing import TINY_RESOLUTION, build_tiny_pipelines, tiny_generator
 
 PROMPTS = ["a cat", "the dog"]
 RANK, ALPHA = 4, 8.0  # alpha != rank: a loader that assumed alpha == rank would halve the LoRA
-CARD = {"ranker": "pickscore", "recipe": "sd-turbo-pickscore", "metrics": {"pickscore": 22.5}, "config": {"seed": 0}}
+CARD = {
+    "ranker": "pickscore",
+    "recipe": "sd-turbo-pickscore",
+    "metrics": {"pickscore": 22.5},
+    "config": {"seed": 0},
+}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models gain nothing from threads, and on a shared machine they thrash (10x slower)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="session")
@@ -47,7 +61,13 @@ def trained(request, tiny_dirs):
 
 def run_pipeline(pipe, noise):
     pipe.set_progress_bar_config(disable=True)
-    kw = dict(num_inference_steps=1, guidance_scale=0.0, height=TINY_RESOLUTION, width=TINY_RESOLUTION, latents=noise)
+    kw = dict(
+        num_inference_steps=1,
+        guidance_scale=0.0,
+        height=TINY_RESOLUTION,
+        width=TINY_RESOLUTION,
+        latents=noise,
+    )
     return pipe(PROMPTS, output_type="latent", **kw).images, pipe(PROMPTS, output_type="pt", **kw).images
 
 
@@ -84,7 +104,9 @@ def test_kohya_lora(trained, tiny_dirs, tmp_path):
         keys = list(f.keys())
         alphas = {f.get_tensor(k).item() for k in keys if k.endswith(".alpha")}
     assert all(k.startswith("lora_unet_") for k in keys)
-    assert any(k.endswith(".lora_down.weight") for k in keys) and any(k.endswith(".lora_up.weight") for k in keys)
+    assert any(k.endswith(".lora_down.weight") for k in keys) and any(
+        k.endswith(".lora_up.weight") for k in keys
+    )
     assert alphas == {ALPHA}
 
     pipe = DiffusionPipeline.from_pretrained(tiny_dirs[arch])

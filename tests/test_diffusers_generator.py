@@ -11,20 +11,29 @@ import sys
 import time
 from pathlib import Path
 
+import drpo_diffusers
 import pytest
 import torch
 from diffusers import DiffusionPipeline, UNet2DConditionModel
+from drpo_diffusers.testing import TINY_RESOLUTION, build_tiny_pipelines, tiny_generator
 from peft.tuners.tuners_utils import BaseTunerLayer
 from pydantic import ValidationError
 
-import drpo_diffusers
 from drpo_core.context import BuildContext
 from drpo_core.errors import PluginError
-from drpo_diffusers.testing import TINY_RESOLUTION, build_tiny_pipelines, tiny_generator
 
 ARCHS = ["sd", "sdxl"]
 PROMPTS = ["a cat", "the dog", "a cat"]
 PIPE_KW = dict(num_inference_steps=1, guidance_scale=0.0, height=TINY_RESOLUTION, width=TINY_RESOLUTION)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models gain nothing from threads, and on a shared machine they thrash (10x slower)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="session")
@@ -32,13 +41,15 @@ def tiny_dirs(tmp_path_factory):
     return build_tiny_pipelines(tmp_path_factory.getbasetemp() / "drpo_diffusers_tiny")
 
 
-def make_noise(gen, n=len(PROMPTS), seed=0):
+def make_noise(gen, n=3, seed=0):
     return torch.randn(n, *gen.noise_shape, generator=torch.Generator().manual_seed(seed))
 
 
 def randomize_lora(gen, seed=1, scale=0.3):
     torch.manual_seed(seed)
-    gen.load_trainable_state_dict({k: torch.randn_like(v) * scale for k, v in gen.trainable_state_dict().items()})
+    gen.load_trainable_state_dict(
+        {k: torch.randn_like(v) * scale for k, v in gen.trainable_state_dict().items()}
+    )
 
 
 def unets_of(gen):
@@ -112,7 +123,9 @@ def test_gradients_reach_only_lora_parameters(tiny_dirs, arch):
     noise = make_noise(gen)
     gen.sample(PROMPTS, noise).square().mean().backward()
 
-    modules = {name: getattr(gen.pipe, name, None) for name in ("unet", "vae", "text_encoder", "text_encoder_2")}
+    modules = {
+        name: getattr(gen.pipe, name, None) for name in ("unet", "vae", "text_encoder", "text_encoder_2")
+    }
     with_grad = set()
     for module_name, module in modules.items():
         for name, param in module.named_parameters() if module is not None else []:
@@ -238,7 +251,9 @@ def test_unsupported_pipeline_kind(tiny_dirs, tmp_path):
     other = tmp_path / "flux"
     other.mkdir()
     (other / "model_index.json").write_text(json.dumps({"_class_name": "FluxPipeline"}))
-    with pytest.raises(PluginError, match="is a FluxPipeline, but the sd-turbo generator needs a StableDiffusionPipeline"):
+    with pytest.raises(
+        PluginError, match="is a FluxPipeline, but the sd-turbo generator needs a StableDiffusionPipeline"
+    ):
         tiny_generator("sd", other)
     with pytest.raises(PluginError, match="is a StableDiffusionXLPipeline.*use the sdxl-turbo generator"):
         tiny_generator("sd", tiny_dirs["sdxl"])

@@ -306,3 +306,15 @@ def test_help_time_is_reported(record_property):
     record_property("drpo_help_seconds", round(elapsed, 3))
     print(f"drpo --help: {elapsed:.2f} s")
     assert result.returncode == 0 and "list-plugins" in result.stdout
+
+
+def test_registering_a_plugin_twice_keeps_the_first_copy_working():
+    def drpo_register_commands(cli):
+        cli.command("hello")(lambda: None)
+
+    plugin = plugin_module("twice", drpo_register_commands=drpo_register_commands)
+    registry = registry_from([plugin, plugin])
+    first, second = registry.plugins
+    assert second.state == "broken" and "already registered" in second.error
+    registry.add_commands(typer.Typer())
+    assert (first.state, first.components) == ("loaded", [("command", "hello")])

@@ -93,7 +93,8 @@ def _save_kohya_lora(generator: TurboGenerator, out_dir: Path) -> None:
     # ... and it writes alpha = rank; write the real alpha, or the LoRA scale would be wrong
     alpha = float(_lora_config(generator).lora_alpha)
     state = {
-        k: torch.tensor(alpha) if k.endswith(".alpha") else v.detach().cpu().contiguous() for k, v in state.items()
+        k: torch.tensor(alpha) if k.endswith(".alpha") else v.detach().cpu().contiguous()
+        for k, v in state.items()
     }
     metadata = {
         "ss_network_module": "networks.lora",
@@ -160,7 +161,14 @@ def model_card(generator: TurboGenerator, kind: str, card: Mapping[str, Any]) ->
     if extra:
         lines += ["", "### Details", ""] + [f"- {k}: {_inline(v)}" for k, v in extra.items()]
     if card.get("config"):
-        lines += ["", "### Configuration", "", "```yaml", yaml.safe_dump(dict(card["config"]), sort_keys=False).strip(), "```"]
+        lines += [
+            "",
+            "### Configuration",
+            "",
+            "```yaml",
+            yaml.safe_dump(dict(card["config"]), sort_keys=False).strip(),
+            "```",
+        ]
     if card.get("metrics"):
         lines += ["", "## Metrics", "", "| metric | value |", "|---|---|"]
         lines += [f"| {name} | {_inline(value)} |" for name, value in dict(card["metrics"]).items()]
@@ -178,16 +186,28 @@ def _inline(value: Any) -> str:
 def _usage(generator: TurboGenerator, kind: str) -> str:
     base = generator.base_model or "<base model>"
     r = generator.resolution
-    call = f'image = pipe(prompt, num_inference_steps=1, guidance_scale=0.0, height={r}, width={r}).images[0]'
+    call = f"image = pipe(prompt, num_inference_steps=1, guidance_scale=0.0, height={r}, width={r}).images[0]"
     if kind == "pipeline":
-        load = 'pipe = AutoPipelineForText2Image.from_pretrained("<this directory>", torch_dtype=torch.float16)'
+        load = (
+            'pipe = AutoPipelineForText2Image.from_pretrained("<this directory>", torch_dtype=torch.float16)'
+        )
         steps = [load, 'pipe.to("cuda")']
     else:
         load = f'pipe = AutoPipelineForText2Image.from_pretrained("{base}", torch_dtype=torch.float16)'
         weight = f', weight_name="{KOHYA_WEIGHT_NAME}"' if kind == "kohya" else ""
         steps = [load, 'pipe.to("cuda")', f'pipe.load_lora_weights("<this directory>"{weight})']
-    code = ["```python", "import torch", "from diffusers import AutoPipelineForText2Image", "", *steps, call, "```"]
+    code = [
+        "```python",
+        "import torch",
+        "from diffusers import AutoPipelineForText2Image",
+        "",
+        *steps,
+        call,
+        "```",
+    ]
     text = "\n".join(code)
     if kind == "kohya":
-        text += f"\n\nComfyUI / AUTOMATIC1111: copy `{KOHYA_WEIGHT_NAME}` into the LoRA folder (models/loras)."
+        text += (
+            f"\n\nComfyUI / AUTOMATIC1111: copy `{KOHYA_WEIGHT_NAME}` into the LoRA folder (models/loras)."
+        )
     return text

@@ -264,7 +264,9 @@ class TurboGenerator(Generator):
 
     # ------------------------------------------------------------------ one-step math
 
-    def _one_step(self, unet, dtype: torch.dtype, prompts: Sequence[str], noise: torch.Tensor) -> torch.Tensor:
+    def _one_step(
+        self, unet, dtype: torch.dtype, prompts: Sequence[str], noise: torch.Tensor
+    ) -> torch.Tensor:
         if len(prompts) != noise.shape[0]:
             raise PluginError(f"{len(prompts)} prompts for {noise.shape[0]} noise samples")
         cond = self._conditioning(prompts)
@@ -296,7 +298,10 @@ class TurboGenerator(Generator):
                 self._prompt_cache[prompt] = cond
         for prompt in prompts:
             self._prompt_cache.move_to_end(prompt)
-        batch = {key: torch.stack([self._prompt_cache[p][key] for p in prompts]) for key in self._prompt_cache[prompts[0]]}
+        batch = {
+            key: torch.stack([self._prompt_cache[p][key] for p in prompts])
+            for key in self._prompt_cache[prompts[0]]
+        }
         while len(self._prompt_cache) > max(PROMPT_CACHE_SIZE, len(set(prompts))):
             self._prompt_cache.popitem(last=False)
         return batch
@@ -310,7 +315,9 @@ class TurboGenerator(Generator):
         # SDXL micro-conditioning: original size, crop top-left, target size
         r = float(self.resolution)
         time_ids = torch.tensor([r, r, 0.0, 0.0, r, r], device=self.device)
-        return [{"hidden": h, "text_embeds": p, "time_ids": time_ids} for h, p in zip(hidden, pooled, strict=True)]
+        return [
+            {"hidden": h, "text_embeds": p, "time_ids": time_ids} for h, p in zip(hidden, pooled, strict=True)
+        ]
 
     def _unscale(self, latents: torch.Tensor) -> torch.Tensor:
         """Scaled (UNet-space) latents to the VAE's latent space, as the pipelines do."""
@@ -382,7 +389,9 @@ def _from_hub_or_cache(load, model: str, is_local: bool, kwargs: dict):
 
 
 def _check_pipeline_class(model: str, is_local: bool, architecture: str, load_kw: dict) -> None:
-    config = _from_hub_or_cache(DiffusionPipeline.load_config, model, is_local, {"revision": load_kw["revision"]})
+    config = _from_hub_or_cache(
+        DiffusionPipeline.load_config, model, is_local, {"revision": load_kw["revision"]}
+    )
     found, expected = config.get("_class_name"), PIPELINE_CLASSES[architecture].__name__
     if found == expected:
         return

@@ -114,8 +114,9 @@ def finetune(gen, feats, ranker, prompts, steps, batch_prompts, k, lr, ref_lambd
         batch = random.sample(prompts, batch_prompts)
         repeated = [p for p in batch for _ in range(k)]
         noise = torch.randn(len(repeated), *gen.noise_shape)
-        with torch.no_grad():
-            scores = ranker.score(gen.decode(gen.sample(repeated, noise)), repeated, [prompt_metadata(p) for p in repeated])
+        with torch.no_grad():  # rollout: candidates without grad, ranked by the black-box checker
+            images = gen.decode(gen.sample(repeated, noise))
+            scores = ranker.score(images, repeated, [prompt_metadata(p) for p in repeated])
             ref_images = gen.reference(repeated, noise)
         if shuffle:
             scores = scores[torch.randperm(len(scores))]
@@ -135,9 +136,8 @@ def finetune(gen, feats, ranker, prompts, steps, batch_prompts, k, lr, ref_lambd
         x = gen.sample([repeated[r] for r in rows], noise[rows])
         nb = len(keep)
         with torch.no_grad():
-            all_images = gen.sample(repeated, noise)
-            pos_f = grouped(feats.features(all_images[pos_idx]), nb)
-            neg_f = grouped(feats.features(all_images[neg_idx]), nb)
+            pos_f = grouped(feats.features(images[pos_idx]), nb)
+            neg_f = grouped(feats.features(images[neg_idx]), nb)
             ref_f = grouped(feats.features(ref_images[rows]), nb)
         gen_f = grouped(feats.features(gen.decode(x)), nb)
         loss = 0.0
