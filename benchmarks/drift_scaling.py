@@ -53,9 +53,9 @@ def estimated_bytes(config: dict) -> int:
 def measure(config: dict, repeats: int, device: str, threads: int) -> dict:
     """Runs inside the subprocess: peak memory of the first run, median time of the next ``repeats``."""
     import torch
-    from drpo_kernels.kernels import laplacian
 
     from drpo_core.drift import DriftEstimator
+    from drpo_kernels.kernels import laplacian
 
     torch.set_num_threads(threads)
     g = torch.Generator().manual_seed(0)
@@ -109,7 +109,8 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="smaller grid (corners and middle), 2 repeats")
     parser.add_argument("--repeats", type=int, default=None, help="timed repeats per row (default 3, quick 2)")
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
-    parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch CPU threads (1: on a shared CPU, spinning OpenMP threads distort timings)")
     parser.add_argument("--max-gb", type=float, default=8.0, help="skip rows estimated above this")
     parser.add_argument("--one", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()

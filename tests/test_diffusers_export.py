@@ -9,12 +9,12 @@ import json
 import pytest
 import torch
 from diffusers import DiffusionPipeline
-from drpo_diffusers.export import DIFFUSERS_WEIGHT_NAME, KOHYA_WEIGHT_NAME, export_generator
-from drpo_diffusers.testing import TINY_RESOLUTION, build_tiny_pipelines, tiny_generator
 from peft.tuners.tuners_utils import BaseTunerLayer
 from safetensors import safe_open
 
 from drpo_core.errors import ConfigError
+from drpo_diffusers.export import DIFFUSERS_WEIGHT_NAME, KOHYA_WEIGHT_NAME, export_generator
+from drpo_diffusers.testing import TINY_RESOLUTION, build_tiny_pipelines, tiny_generator
 
 PROMPTS = ["a cat", "the dog"]
 RANK, ALPHA = 4, 8.0  # alpha != rank: a loader that assumed alpha == rank would halve the LoRA

@@ -11,16 +11,16 @@ import sys
 import time
 from pathlib import Path
 
-import drpo_diffusers
 import pytest
 import torch
 from diffusers import DiffusionPipeline, UNet2DConditionModel
-from drpo_diffusers.testing import TINY_RESOLUTION, build_tiny_pipelines, tiny_generator
 from peft.tuners.tuners_utils import BaseTunerLayer
 from pydantic import ValidationError
 
+import drpo_diffusers
 from drpo_core.context import BuildContext
 from drpo_core.errors import PluginError
+from drpo_diffusers.testing import TINY_RESOLUTION, build_tiny_pipelines, tiny_generator
 
 ARCHS = ["sd", "sdxl"]
 PROMPTS = ["a cat", "the dog", "a cat"]

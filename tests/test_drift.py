@@ -6,10 +6,10 @@ import math
 
 import pytest
 import torch
-from drpo_kernels.kernels import cosine, laplacian, rbf
 
 from drpo_core.drift import DriftEstimator, drift_field, drift_loss, regression_loss
 from drpo_core.ranking import combine_scores, select_top_bottom
+from drpo_kernels.kernels import cosine, laplacian, rbf
 
 KERNELS = {"laplacian": laplacian, "rbf": rbf, "cosine": cosine}
 

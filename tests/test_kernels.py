@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 
 import torch
+
 from drpo_kernels.kernels import KERNELS, cosine, laplacian, rbf
 
 

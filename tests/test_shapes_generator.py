@@ -81,3 +81,21 @@ def test_features_are_frozen_differentiable_and_deterministic():
     assert all(torch.equal(again[k], v.detach()) for k, v in out.items())
     # the 8x8 patch of cell (1, 2) is exactly those pixels
     assert torch.equal(out["patch8@1,2"][0, 0], x[0, :, 8:16, 16:24].reshape(-1).detach())
+
+
+def test_registry_builds_the_toy_world(tmp_path):
+    import drpo_shapes
+    from drpo_core.context import BuildContext
+    from drpo_core.errors import ConfigError
+    from drpo_core.registry import registry_from
+
+    registry = registry_from([drpo_shapes])
+    context = BuildContext(config_dir=tmp_path)
+    gen = registry.build("generator", "shapes", {"init": "random"}, context)
+    assert isinstance(gen, ShapesGenerator)
+    ranker = registry.build("ranker", "shapes:counting", {}, context)
+    assert ranker.binary
+    assert registry.get("ranker", "shapes:counting").recommended("counting")["selection.candidates"] == 16
+    assert isinstance(registry.build("feature", "shapes", {}, context), ShapesFeatures)
+    with pytest.raises(ConfigError):
+        registry.build("generator", "shapes", {"init": "pretrained", "wieghts": "x"}, context)

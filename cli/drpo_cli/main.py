@@ -158,7 +158,8 @@ def export(run: Annotated[Path, typer.Argument(help="Run directory.")],
     if not hasattr(model, "export"):
         raise DrpoError(f"generator {resolved.config.generator.name!r} has no export formats")
     target = out or run / f"export-{format}{'-fused' if fuse else ''}"
-    card = {"config": resolved.to_dict(), "run": str(run.name), "metrics": _last_eval(run)}
+    card = {"config": resolved.to_dict(), "run": run.name, "metrics": _last_eval(run),
+            "ranker": ", ".join(r.name for r in resolved.config.rankers)}
     typer.echo(f"wrote {model.export(target, format=format, fuse=fuse, card=card)}")
 
 

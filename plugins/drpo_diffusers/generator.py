@@ -258,6 +258,12 @@ class TurboGenerator(Generator):
     def train(self, mode: bool = True) -> None:
         self.unet.train(mode)
 
+    def export(self, out_dir, format: str = "diffusers", fuse: bool = False, card=None):
+        """What `drpo export` calls: see :func:`drpo_diffusers.export.export_generator`."""
+        from drpo_diffusers.export import export_generator
+
+        return export_generator(self, out_dir, format=format, fuse=fuse, card=card)
+
     def enable_gradient_checkpointing(self) -> None:
         # diffusers' default checkpoint function is non-reentrant (use_reentrant=False)
         self.unet.enable_gradient_checkpointing()
