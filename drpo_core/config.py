@@ -79,12 +79,13 @@ class DriftConfig(_Strict):
 
 class SourceConfig(_Strict):
     kind: Literal["online", "offline", "data"] = "online"
-    path: str | None = Field(None, description="offline: JSONL of chosen/rejected pairs; data: JSONL of images")
+    path: str | None = Field(None, description="offline: JSONL of chosen/rejected pairs; data: JSONL of images "
+                                                "(the Python API may pass a sampler instead)")
 
     @model_validator(mode="after")
     def _path_needed(self) -> SourceConfig:
-        if self.kind in ("offline", "data") and not self.path:
-            raise ValueError(f"source.path is required when source.kind is {self.kind}")
+        if self.kind == "offline" and not self.path:
+            raise ValueError("source.path is required when source.kind is offline")
         return self
 
 

@@ -157,6 +157,8 @@ class Trainer:
         if cfg.source.kind == "offline":
             return OfflineSource(self._path(cfg.source.path), self.generator.encode, image_size)
         if cfg.source.kind == "data":
+            if data_sampler is None and not cfg.source.path:
+                raise DrpoError("source.path is required when source.kind is data (a JSONL of images)")
             sampler = data_sampler or ImageFolderSampler(self._path(cfg.source.path), image_size)
             return DataSource(sampler, self.generator.encode, cfg.selection.positives, cfg.seed)
         return OnlineSource(self.rankers, positives=cfg.selection.positives,
