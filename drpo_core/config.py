@@ -48,6 +48,8 @@ class SelectionConfig(_Strict):
     negatives: int = Field(4, ge=1, description="M-: bottom-ranked candidates used as negative anchors")
     combine: Literal["zscore", "rank"] = "zscore"
     rollout_rounds: int = Field(4, ge=1, description="binary rankers: rounds of K no-grad candidates")
+    shuffle_scores: bool = Field(False, description="ablation control: permute each prompt's scores at "
+                                                    "random, so the ranking carries no information")
 
     @model_validator(mode="after")
     def _fits(self) -> SelectionConfig:

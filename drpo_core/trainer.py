@@ -114,6 +114,7 @@ class Trainer:
         )
         self.device = self.accelerator.device if train.device in ("auto", "cpu") else torch.device(train.device)
         self.k = self.cfg.selection.candidates
+        self._shuffle_rng = torch.Generator().manual_seed(self.cfg.seed)  # selection.shuffle_scores only
         self._build_components()
         self._build_prompts()
         self.source = self._build_source(data_sampler)
@@ -248,6 +249,9 @@ class Trainer:
         if not finite.all():
             self._last_failure = f"ranker {self.rankers[0][0]!r} returned non-finite scores"
         per_ranker = [s.nan_to_num(0.0, posinf=0.0, neginf=0.0) for s in per_ranker]
+        if self.cfg.selection.shuffle_scores:
+            order = torch.rand(len(records), k, generator=self._shuffle_rng).argsort(dim=1)
+            per_ranker = [s.gather(1, order) for s in per_ranker]
         if self.binary:  # 0/1 correctness: a candidate is correct when every ranker says so
             return torch.stack(per_ranker).prod(dim=0), finite
         weights = [w for _, _, w in self.rankers]

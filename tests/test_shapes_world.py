@@ -29,10 +29,10 @@ def passes(scene: world.Scene, prompt: str, seed: int, blur: float = 0.0) -> boo
 def test_grammar_round_trips_and_rejects_other_text():
     prompts = world.all_prompts()
     assert len(prompts) == len(set(prompts)) == 48
-    assert "three blue circles" in prompts and "one red square" in prompts
+    assert "three blue circles" in prompts and "one red bar" in prompts and "four green pillars" in prompts
     for prompt in prompts:
         assert world.parse_prompt(prompt).prompt == prompt
-    for bad in ("three blue circle", "one red squares", "five red squares", "two purple circles", "a cat"):
+    for bad in ("three blue circle", "one red bars", "five red bars", "two purple circles", "one red square"):
         with pytest.raises(ValueError, match="not a shapes prompt"):
             world.parse_prompt(bad)
 
@@ -47,13 +47,11 @@ def test_metadata_follows_geneval_counting_rows():
 
 
 def test_render_is_seeded_and_in_range():
-    a, b, c = world.render("four yellow triangles", 7), world.render("four yellow triangles", 7), world.render(
-        "four yellow triangles", 8
-    )
+    a, b, c = world.render("four yellow bars", 7), world.render("four yellow bars", 7), world.render("four yellow bars", 8)
     assert a.shape == (3, 32, 32) and a.dtype == torch.float32
     assert torch.equal(a, b) and not torch.equal(a, c)
     assert 0.0 <= a.min() and a.max() <= 1.0
-    batch = world.render_batch(["one red square", "two green circles"], [0, 1])
+    batch = world.render_batch(["one red bar", "two green circles"], [0, 1])
     assert batch.shape == (2, 3, 32, 32)
     assert torch.equal(batch[1], world.render("two green circles", 1))
 
@@ -62,8 +60,8 @@ def test_layout_keeps_objects_apart_and_inside():
     for scene in world.all_scenes():
         boxes = world.layout(scene, 3)
         assert len(boxes) == scene.count
-        for i, (x, y, side) in enumerate(boxes):
-            assert 0 < x and x + side < world.SIZE and 0 < y and y + side < world.SIZE
+        for i, (x, y, width, height) in enumerate(boxes):
+            assert 0 < x and x + width < world.SIZE and 0 < y and y + height < world.SIZE
             assert all(world._apart(boxes[i], other) for other in boxes[i + 1 :])
 
 
@@ -125,3 +123,11 @@ def test_plugin_registers_without_importing_torch():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[('shapes', None), ('shapes', ('counting',)), ('shapes', None)]"
+
+
+def test_shipped_prompt_file_matches_the_grammar():
+    import json
+    from pathlib import Path
+
+    rows = [json.loads(line) for line in (Path(world.__file__).parent / "prompts.jsonl").read_text().splitlines()]
+    assert rows == [world.prompt_metadata(p) for p in world.all_prompts()]

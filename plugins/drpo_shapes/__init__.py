@@ -14,7 +14,10 @@ from drpo_core import hookimpl
 #: recommended run settings for the counting ranker (binary, GenEval-style online rollout)
 COUNTING_DEFAULTS = {
     "source.kind": "online",
-    "prompts.path": "pkg://drpo_shapes/prompts.jsonl",
+    # a fixed split: each count x shape has two colours in training and the other two held out
+    "prompts.path": "pkg://drpo_shapes/prompts_train.jsonl",
+    "prompts.eval_path": "pkg://drpo_shapes/prompts_eval.jsonl",
+    "eval.seeds": "0-63",
     "selection.candidates": 16,
     "selection.positives": 4,
     "selection.negatives": 4,
@@ -35,6 +38,8 @@ class FeatureOptions(BaseModel):
     model_config = ConfigDict(extra="forbid")
     #: seed of the fixed random CNN (changing it changes the feature space)
     seed: int = 0
+    #: drop the keys starting with any of these prefixes (ablations), e.g. ["edge", "cnn"]
+    exclude: list[str] = []
 
 
 @hookimpl
@@ -47,6 +52,13 @@ def drpo_register_generators(register):
 def drpo_register_rankers(register):
     register("shapes", _build_ranker, variants=("counting",), defaults=_ranker_defaults,
              summary="toy world: GenEval-style 0/1 correctness from a programmatic shape detector")
+
+
+@hookimpl
+def drpo_register_commands(cli):
+    from drpo_shapes.commands import toy
+
+    cli.add_typer(toy, name="toy")
 
 
 @hookimpl
@@ -76,4 +88,4 @@ def _build_ranker(options, context):
 def _build_features(options: FeatureOptions, context):
     from drpo_shapes.features import ShapesFeatures
 
-    return ShapesFeatures(seed=options.seed).to(context.device)
+    return ShapesFeatures(seed=options.seed, exclude=options.exclude).to(context.device)

@@ -10,9 +10,9 @@ Steps for one image:
    anti-aliased or blurry edges still get the right colour.
 2. Each colour's mask is split into 8-connected components; tiny ones (< ``MIN_AREA`` pixels) are
    noise and are dropped.
-3. The shape comes from the bounding box: fill ratio (area / box area) is ~1 for a square, ~0.79
-   for a circle and ~0.5 for a triangle, whose mass also sits low in its box (apex up). Elongated
-   or oversized components are two objects merged and get no class.
+3. The shape comes from the bounding box: a circle is about as wide as tall and fills ~0.8 of
+   its box; a bar is at least twice as wide as tall, a pillar twice as tall as wide, and both fill
+   their box. Anything else (two objects merged into one component, a smear) gets no class.
 """
 
 from __future__ import annotations
@@ -24,12 +24,12 @@ from drpo_core.rules import Detection
 from drpo_shapes.world import COLORS
 
 CHROMA_MIN = 0.22  # ~40% object coverage of the weakest (green) colour
-MIN_AREA = 16  # the smallest object (a 9 px triangle) covers ~40 pixels
-MAX_AREA = 200  # a 12 px square covers 144; anything much bigger is merged objects
-MAX_ASPECT = 1.45
-SQUARE_FILL = 0.93  # square 1.0; a pixelated 9-12 px circle 0.80-0.88
-CIRCLE_FILL = 0.70  # a blurred triangle reaches 0.75, but its mass sits low
-TRIANGLE_LOW_MASS = 0.05  # triangles: centroid 0.07-0.16 box heights below the centre; circles ~0
+MIN_AREA = 16  # the smallest object (a 12x4 bar) covers 48 pixels
+MAX_AREA = 130  # an 11 px circle covers ~100, a 14x5 bar 70; bigger is merged objects
+CIRCLE_ASPECT = 1.35  # a circle's box: width / height within [1/1.35, 1.35]
+CIRCLE_FILL = 0.65  # pixelated circles fill 0.80-0.88 of their box
+BAR_ASPECT = 1.8  # a bar's box is 2.4-3.5 times wider than tall (a pillar: taller than wide)
+BAR_FILL = 0.75  # a bar fills its box; two merged circles fill ~0.6
 
 _NAMES = list(COLORS)
 _PALETTE = np.array([COLORS[c] for c in _NAMES], dtype=np.float32)
@@ -47,20 +47,18 @@ def colour_labels(image: np.ndarray) -> np.ndarray:
 
 
 def classify_shape(mask: np.ndarray) -> str | None:
-    """``"square"``, ``"circle"``, ``"triangle"`` or ``None`` for a component's boolean mask (cropped)."""
+    """``"circle"``, ``"bar"``, ``"pillar"`` or ``None`` for a component's boolean mask (cropped to its box)."""
     height, width = mask.shape
     area = int(mask.sum())
-    if area > MAX_AREA or max(height, width) > MAX_ASPECT * min(height, width):
+    if area > MAX_AREA:
         return None
     fill = area / (height * width)
-    rows = np.nonzero(mask)[0]
-    low_mass = (rows.mean() + 0.5) / height - 0.5
-    if fill >= SQUARE_FILL:
-        return "square"
-    if 0.35 <= fill < 0.8 and low_mass >= TRIANGLE_LOW_MASS:
-        return "triangle"
-    if fill >= CIRCLE_FILL and abs(low_mass) < TRIANGLE_LOW_MASS:
+    if max(width, height) <= CIRCLE_ASPECT * min(width, height) and fill >= CIRCLE_FILL:
         return "circle"
+    if width >= BAR_ASPECT * height and fill >= BAR_FILL:
+        return "bar"
+    if height >= BAR_ASPECT * width and fill >= BAR_FILL:
+        return "pillar"
     return None
 
 

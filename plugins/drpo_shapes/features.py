@@ -7,6 +7,9 @@ candidates, so a key per image *location* compares candidates location by locati
 * ``patch4@r,c``: the four 4x4 patches inside that cell, as a set of four particles (16 keys);
 * ``pool4``: the image average-pooled to 8x8, one particle: the coarse layout;
 * ``color``: the mean colour;
+* ``edges``: mean edge strength in 8 directions (0, 22.5, ... 157.5 degrees): a bar's edges are
+  mostly horizontal, a pillar's vertical, a circle's spread over all directions;
+* ``edge_cells``: the same 8 directions per 8x8 cell, as a set of 16 particles (local shape);
 * ``cnn1..3``: per-channel mean and std of a fixed, randomly initialised 3-layer CNN: global
   texture statistics (how much edge, corner, colour). Without them the pixel keys alone trained
   poorly in the prototype.
@@ -23,6 +26,7 @@ from torch import nn
 from drpo_core.interfaces import FeatureSpace
 
 CELL = 8
+DIRECTIONS = 8
 
 
 class RandomCNN(nn.Module):
@@ -51,11 +55,29 @@ class RandomCNN(nn.Module):
         return outputs
 
 
+def directional_edges(x: torch.Tensor) -> torch.Tensor:
+    """Edge strength binned by gradient direction (8 bins over 180 degrees), summed over RGB: (B, 8, H, W).
+
+    Each pixel's gradient magnitude goes to the bins near its direction with weight cos^8 of the
+    angle between them (about 25 degrees wide), so a box's edges land in the 0 and 90 degree bins.
+    """
+    padded = F.pad(x, (1, 1, 1, 1), mode="replicate")
+    gx = (padded[:, :, 1:-1, 2:] - padded[:, :, 1:-1, :-2]) / 2
+    gy = (padded[:, :, 2:, 1:-1] - padded[:, :, :-2, 1:-1]) / 2
+    angles = torch.arange(DIRECTIONS, device=x.device, dtype=x.dtype) * (torch.pi / DIRECTIONS)
+    along = gx.unsqueeze(1) * angles.cos()[None, :, None, None, None] + gy.unsqueeze(1) * angles.sin()[
+        None, :, None, None, None
+    ]  # (B, 8, 3, H, W)
+    magnitude = (gx.pow(2) + gy.pow(2) + 1e-6).sqrt().unsqueeze(1)  # smooth: defined at 0
+    return (magnitude * (along / magnitude).pow(8)).sum(dim=2)
+
+
 class ShapesFeatures(FeatureSpace):
     input = "images"
 
-    def __init__(self, seed: int = 0):
+    def __init__(self, seed: int = 0, exclude: tuple[str, ...] | list[str] = ()):
         self.cnn = RandomCNN(seed)
+        self.exclude = tuple(exclude)
 
     def features(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         batch, _, height, width = x.shape
@@ -71,10 +93,13 @@ class ShapesFeatures(FeatureSpace):
                 out[f"patch4@{r},{c}"] = patch4[:, r, c]
         out["pool4"] = F.avg_pool2d(x, 4).flatten(1).unsqueeze(1)
         out["color"] = x.mean(dim=(2, 3)).unsqueeze(1)
+        edges = directional_edges(x)  # (B, 8, H, W)
+        out["edges"] = edges.mean(dim=(2, 3)).unsqueeze(1)
+        out["edge_cells"] = F.avg_pool2d(edges, CELL).flatten(2).transpose(1, 2)  # (B, rows*cols, 8)
         for i, h in enumerate(self.cnn(x), start=1):
             stats = torch.cat([h.mean(dim=(2, 3)), h.flatten(2).std(dim=2)], dim=1)
             out[f"cnn{i}"] = stats.unsqueeze(1)
-        return out
+        return {key: value for key, value in out.items() if not key.startswith(self.exclude)} if self.exclude else out
 
     def to(self, device: torch.device | str) -> ShapesFeatures:
         self.cnn.to(device)

@@ -11,7 +11,7 @@ from drpo_core.errors import ComponentError
 from drpo_core.interfaces import Ranker
 from drpo_core.rules import evaluate
 from drpo_shapes.detect import detect
-from drpo_shapes.world import prompt_metadata
+from drpo_shapes.world import parse_prompt, prompt_metadata
 
 
 class ShapesCountingRanker(Ranker):
@@ -37,3 +37,8 @@ class ShapesCountingRanker(Ranker):
             verdict = evaluate(detect(image), meta if meta is not None else prompt_metadata(prompt))
             scores.append(float(verdict.correct))
         return torch.tensor(scores, dtype=torch.float32)
+
+    def groups(self, record: Any) -> list[str]:
+        """Evaluation breaks accuracy down by count, shape and colour."""
+        scene = parse_prompt(record.text)
+        return [f"count={scene.count}", f"shape={scene.shape}", f"color={scene.color}"]

@@ -23,10 +23,13 @@ COLORS: dict[str, tuple[float, float, float]] = {
     "blue": (0.15, 0.30, 0.95),
     "yellow": (0.95, 0.85, 0.15),
 }
-#: shapes chosen so that their bounding-box fill ratios are far apart (1.0, 0.79, 0.5)
-SHAPES = ("square", "circle", "triangle")
+#: Shapes that differ in coarse layout (round, wide, tall), which a small generator learns in minutes.
+#: Squares and triangles were tried first: after 900 pretraining steps the generator drew the same
+#: round blobs for every shape, so those prompts could never be right and DrPO had nothing to rank.
+SHAPES = ("circle", "bar", "pillar")
 COUNT_WORDS = ("one", "two", "three", "four")
-MIN_OBJECT, MAX_OBJECT = 9, 12  # side length in pixels
+#: (width, height) ranges in pixels: a circle 8-11 px across, a bar 12-14 x 4-5, a pillar its transpose
+SIZES = {"circle": ((8, 11), None), "bar": ((12, 14), (4, 5)), "pillar": ((4, 5), (12, 14))}
 GAP = 2  # free pixels kept between objects, so they never touch
 SUPERSAMPLE = 4  # draw at 4x and average: anti-aliased edges, like a generator's
 
@@ -79,36 +82,40 @@ def prompt_metadata(prompt: str) -> dict[str, Any]:
     }
 
 
-def layout(scene: Scene, seed: int) -> list[tuple[int, int, int]]:
-    """Non-overlapping squares ``(x0, y0, side)`` for the scene's objects, by rejection sampling."""
+Box = tuple[int, int, int, int]  # x0, y0, width, height in pixels
+
+
+def layout(scene: Scene, seed: int) -> list[Box]:
+    """Non-overlapping boxes for the scene's objects, by rejection sampling."""
     rng = np.random.default_rng([seed, scene.count, list(COLORS).index(scene.color), SHAPES.index(scene.shape)])
+    widths, heights = SIZES[scene.shape]
     while True:
-        boxes: list[tuple[int, int, int]] = []
+        boxes: list[Box] = []
         for _ in range(200):
-            side = int(rng.integers(MIN_OBJECT, MAX_OBJECT + 1))
-            x0, y0 = (int(v) for v in rng.integers(1, SIZE - side, size=2))
-            if all(_apart((x0, y0, side), other) for other in boxes):
-                boxes.append((x0, y0, side))
+            width = int(rng.integers(widths[0], widths[1] + 1))
+            height = width if heights is None else int(rng.integers(heights[0], heights[1] + 1))
+            x0 = int(rng.integers(1, SIZE - width))
+            y0 = int(rng.integers(1, SIZE - height))
+            if all(_apart((x0, y0, width, height), other) for other in boxes):
+                boxes.append((x0, y0, width, height))
                 if len(boxes) == scene.count:
                     return boxes
 
 
-def _apart(a: tuple[int, int, int], b: tuple[int, int, int]) -> bool:
-    (ax, ay, aside), (bx, by, bside) = a, b
-    return ax + aside + GAP <= bx or bx + bside + GAP <= ax or ay + aside + GAP <= by or by + bside + GAP <= ay
+def _apart(a: Box, b: Box) -> bool:
+    (ax, ay, aw, ah), (bx, by, bw, bh) = a, b
+    return ax + aw + GAP <= bx or bx + bw + GAP <= ax or ay + ah + GAP <= by or by + bh + GAP <= ay
 
 
-def _shape_mask(shape: str, side: int) -> np.ndarray:
-    """A boolean ``(side*S, side*S)`` mask of the shape, sampled at pixel-fraction centres."""
-    n = side * SUPERSAMPLE
-    u = (np.arange(n) + 0.5) / n  # coordinates in [0, 1] inside the object's box
-    y, x = np.meshgrid(u, u, indexing="ij")
-    if shape == "square":
-        return np.ones((n, n), dtype=bool)
+def _shape_mask(shape: str, width: int, height: int) -> np.ndarray:
+    """A boolean ``(height*S, width*S)`` mask of the shape, sampled at pixel-fraction centres."""
+    if shape in ("bar", "pillar"):
+        return np.ones((height * SUPERSAMPLE, width * SUPERSAMPLE), dtype=bool)
     if shape == "circle":
+        n = width * SUPERSAMPLE
+        u = (np.arange(n) + 0.5) / n  # coordinates in [0, 1] inside the object's box
+        y, x = np.meshgrid(u, u, indexing="ij")
         return (x - 0.5) ** 2 + (y - 0.5) ** 2 <= 0.25
-    if shape == "triangle":  # apex at the top centre, base along the bottom edge
-        return np.abs(x - 0.5) <= 0.5 * y
     raise ValueError(f"unknown shape {shape!r}; known: {', '.join(SHAPES)}")
 
 
@@ -117,8 +124,8 @@ def render_array(scene: Scene, seed: int) -> np.ndarray:
     big = SIZE * SUPERSAMPLE
     canvas = np.empty((big, big, 3), dtype=np.float32)
     canvas[:] = BACKGROUND
-    for x0, y0, side in layout(scene, seed):
-        mask = _shape_mask(scene.shape, side)
+    for x0, y0, width, height in layout(scene, seed):
+        mask = _shape_mask(scene.shape, width, height)
         region = canvas[y0 * SUPERSAMPLE :, x0 * SUPERSAMPLE :][: mask.shape[0], : mask.shape[1]]
         region[mask] = COLORS[scene.color]
     return canvas.reshape(SIZE, SUPERSAMPLE, SIZE, SUPERSAMPLE, 3).mean(axis=(1, 3))
