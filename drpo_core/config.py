@@ -48,6 +48,8 @@ class SelectionConfig(_Strict):
     negatives: int = Field(4, ge=1, description="M-: bottom-ranked candidates used as negative anchors")
     combine: Literal["zscore", "rank"] = "zscore"
     rollout_rounds: int = Field(4, ge=1, description="binary rankers: rounds of K no-grad candidates")
+    fresh_anchors: bool = Field(False, description="binary rankers: draw the anchors from extra no-grad "
+                                                   "rounds, not from copies of the trainable candidates")
     shuffle_scores: bool = Field(False, description="ablation control: permute each prompt's scores at "
                                                     "random, so the ranking carries no information")
 

@@ -68,9 +68,11 @@ class Generator(ABC):
 
     def train(self, mode: bool = True) -> None:
         """Switch dropout/normalisation layers; generators without any may ignore it."""
+        return None
 
     def enable_gradient_checkpointing(self) -> None:
         """Trade compute for memory; generators without it may ignore it."""
+        return None
 
 
 class Ranker(ABC):

@@ -28,7 +28,7 @@ import torch
 from PIL import Image
 
 from drpo_core.errors import ComponentError, DrpoError
-from drpo_core.ranking import combine_scores, select_binary, select_top_bottom, selection_seed
+from drpo_core.ranking import select_binary, select_top_bottom, selection_seed
 
 Features = dict[str, torch.Tensor]
 
@@ -70,10 +70,11 @@ def gather(features: Features, index: torch.Tensor, k: int) -> Features:
 
 class OnlineSource:
     def __init__(self, rankers: Sequence[tuple[str, Any, float]], *, positives: int, negatives: int,
-                 combine: str, rollout_rounds: int, seed: int):
+                 combine: str, rollout_rounds: int, seed: int, fresh_anchors: bool = False):
         self.rankers = rankers
         self.positives, self.negatives = positives, negatives
         self.combine, self.rollout_rounds, self.seed = combine, rollout_rounds, seed
+        self.fresh_anchors = fresh_anchors
         binary = {bool(getattr(ranker, "binary", False)) for _, ranker, _ in rankers}
         if len(binary) > 1:
             raise DrpoError("rankers: binary rankers (0/1) cannot be mixed with graded ones in one run")
@@ -97,11 +98,14 @@ class OnlineSource:
 
     def _binary(self, batch: Candidates, scores: torch.Tensor, ok: torch.Tensor, k: int) -> Anchors:
         """Method.md §7.4: extend each prompt's pool by no-grad rounds until M correct and M wrong."""
-        pools_x = [list(batch.latents.reshape(-1, k, *batch.latents.shape[1:])[b]) for b in range(len(ok))]
-        pools_s = [list(scores[b]) for b in range(len(ok))]
+        first_round = batch.latents.reshape(-1, k, *batch.latents.shape[1:])
+        # fresh anchors come from extra rounds only, never copies of the trainable candidates
+        pools_x = [[] if self.fresh_anchors else list(first_round[b]) for b in range(len(ok))]
+        pools_s = [[] if self.fresh_anchors else list(scores[b]) for b in range(len(ok))]
+        last_round = self.rollout_rounds + int(self.fresh_anchors)
         for b in range(len(ok)):
             round_index = 1
-            while ok[b] and not self._enough(pools_s[b]) and round_index < self.rollout_rounds:
+            while ok[b] and not self._enough(pools_s[b]) and round_index < last_round:
                 extra = batch.rollout(b, round_index)
                 extra_scores, extra_ok = batch.score(extra, [batch.records[b]])
                 ok[b] = ok[b] & extra_ok[0]
@@ -132,6 +136,8 @@ class OnlineSource:
         return anchors
 
     def _enough(self, scores: list[torch.Tensor]) -> bool:
+        if not scores:
+            return False
         correct = int((torch.stack(scores) >= 0.5).sum())
         return correct >= self.positives and len(scores) - correct >= self.negatives
 

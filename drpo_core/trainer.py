@@ -164,7 +164,8 @@ class Trainer:
             return DataSource(sampler, self.generator.encode, cfg.selection.positives, cfg.seed)
         return OnlineSource(self.rankers, positives=cfg.selection.positives,
                             negatives=cfg.selection.negatives, combine=cfg.selection.combine,
-                            rollout_rounds=cfg.selection.rollout_rounds, seed=cfg.seed)
+                            rollout_rounds=cfg.selection.rollout_rounds, seed=cfg.seed,
+                            fresh_anchors=cfg.selection.fresh_anchors)
 
     def _probe_image(self) -> torch.Tensor:
         """One base image, to learn the size data images are brought to."""

@@ -8,13 +8,13 @@ import textwrap
 import types
 from pathlib import Path
 
-import drpo_cli.main as cli_main
 import pytest
 import yaml
-from drpo_cli.main import app
 from rich.console import Console
 from typer.testing import CliRunner
 
+import drpo_cli.main as cli_main
+from drpo_cli.main import app
 from drpo_core import hookimpl
 from drpo_core.errors import ConfigError
 

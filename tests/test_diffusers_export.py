@@ -14,7 +14,7 @@ from safetensors import safe_open
 
 from drpo_core.errors import ConfigError
 from drpo_diffusers.export import DIFFUSERS_WEIGHT_NAME, KOHYA_WEIGHT_NAME, export_generator
-from drpo_diffusers.testing import TINY_RESOLUTION, build_tiny_pipelines, tiny_generator
+from drpo_diffusers.testing import TINY_RESOLUTION, tiny_generator
 
 PROMPTS = ["a cat", "the dog"]
 RANK, ALPHA = 4, 8.0  # alpha != rank: a loader that assumed alpha == rank would halve the LoRA
@@ -24,20 +24,6 @@ CARD = {
     "metrics": {"pickscore": 22.5},
     "config": {"seed": 0},
 }
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models gain nothing from threads, and on a shared machine they thrash (10x slower)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="session")
-def tiny_dirs(tmp_path_factory):
-    return build_tiny_pipelines(tmp_path_factory.getbasetemp() / "drpo_diffusers_tiny")
 
 
 @pytest.fixture(scope="module", params=["sd", "sdxl"])

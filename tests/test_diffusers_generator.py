@@ -20,25 +20,11 @@ from pydantic import ValidationError
 import drpo_diffusers
 from drpo_core.context import BuildContext
 from drpo_core.errors import PluginError
-from drpo_diffusers.testing import TINY_RESOLUTION, build_tiny_pipelines, tiny_generator
+from drpo_diffusers.testing import TINY_RESOLUTION, tiny_generator
 
 ARCHS = ["sd", "sdxl"]
 PROMPTS = ["a cat", "the dog", "a cat"]
 PIPE_KW = dict(num_inference_steps=1, guidance_scale=0.0, height=TINY_RESOLUTION, width=TINY_RESOLUTION)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models gain nothing from threads, and on a shared machine they thrash (10x slower)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="session")
-def tiny_dirs(tmp_path_factory):
-    return build_tiny_pipelines(tmp_path_factory.getbasetemp() / "drpo_diffusers_tiny")
 
 
 def make_noise(gen, n=3, seed=0):

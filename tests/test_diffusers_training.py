@@ -12,14 +12,8 @@ from drpo_core.metrics import read_metrics
 from drpo_core.registry import Registry
 from drpo_core.runs import load_generator, sample_noise
 from drpo_core.trainer import Trainer
-from drpo_diffusers.testing import build_tiny_pipelines
 
 ARCHITECTURES = {"sd": "sd-turbo", "sdxl": "sdxl-turbo"}
-
-
-@pytest.fixture(scope="module")
-def pipelines(tmp_path_factory):
-    return build_tiny_pipelines(tmp_path_factory.mktemp("pipelines"))
 
 
 @pytest.fixture
@@ -31,13 +25,13 @@ def builtin_registry(monkeypatch):
 
 
 @pytest.mark.parametrize("architecture", ["sd", "sdxl"])
-def test_drpo_steps_then_export_reproduces_the_trained_generator(tmp_path, pipelines, architecture,
+def test_drpo_steps_then_export_reproduces_the_trained_generator(tmp_path, tiny_dirs, architecture,
                                                                  builtin_registry):
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("a red apple\na blue car\na cat\n")
     run_dir = tmp_path / "run"
     config = {
-        "generator": {"name": ARCHITECTURES[architecture], "model": str(pipelines[architecture]),
+        "generator": {"name": ARCHITECTURES[architecture], "model": str(tiny_dirs[architecture]),
                       "resolution": 32, "lora_rank": 4, "lora_alpha": 8},
         "rankers": ["brightness"], "features": "latent",
         "selection": {"candidates": 4, "positives": 1, "negatives": 1},
@@ -64,7 +58,7 @@ def test_drpo_steps_then_export_reproduces_the_trained_generator(tmp_path, pipel
 
     from diffusers import AutoPipelineForText2Image
 
-    pipe = AutoPipelineForText2Image.from_pretrained(pipelines[architecture])
+    pipe = AutoPipelineForText2Image.from_pretrained(tiny_dirs[architecture])
     pipe.load_lora_weights(export_dir)
     _, generator = load_generator(run_dir)
     noise = sample_noise(generator.noise_shape, 0, 7)[None]

@@ -7,12 +7,12 @@ import time
 import types
 from pathlib import Path
 
-import drpo_kernels
-import drpo_latent
-import drpo_shapes
 import pytest
 import typer
 
+import drpo_kernels
+import drpo_latent
+import drpo_shapes
 from drpo_core import hookimpl
 from drpo_core.context import BuildContext
 from drpo_core.errors import PluginError

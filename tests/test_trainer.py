@@ -47,28 +47,10 @@ def run(config: dict, *plugins) -> tuple[Trainer, dict]:
     return trainer, trainer.train()
 
 
-class ShuffledBrightness(BrightnessRanker):
-    """The same scores, randomly permuted within each call: the ranking carries no information."""
-
-    def __init__(self):
-        self.generator = torch.Generator().manual_seed(0)
-
-    def score(self, images, prompts, metadata):
-        scores = super().score(images, prompts, metadata)
-        return scores[torch.randperm(len(scores), generator=self.generator)]
-
-
-class _ShuffledPlugin:
-    @hookimpl
-    def drpo_register_rankers(self, register):
-        register("shuffled-brightness", lambda o, c: ShuffledBrightness())
-
-
 def test_ranking_drives_the_gain_not_repulsion_or_reference(tmp_path):
     steps = {"steps": 15}
     _, ranked = run(tiny_config(tmp_path / "a", train=steps))
-    _, shuffled = run(tiny_config(tmp_path / "b", train=steps, rankers=["shuffled-brightness"],
-                                  eval={"rankers": ["tiny-brightness"]}), _ShuffledPlugin())
+    _, shuffled = run(tiny_config(tmp_path / "b", train=steps, selection={"shuffle_scores": True}))
     gain = ranked["score/tiny-brightness"] - ranked["base_score/tiny-brightness"]
     control = shuffled["score/tiny-brightness"] - shuffled["base_score/tiny-brightness"]
     assert gain > 0.1, gain
@@ -178,9 +160,10 @@ class _BinaryPlugin:
         register("bright-enough", lambda o, c: ThresholdRanker())
 
 
-def test_binary_rollout_counts_skips_and_learns(tmp_path):
+@pytest.mark.parametrize("fresh_anchors", [False, True])
+def test_binary_rollout_counts_skips_and_learns(tmp_path, fresh_anchors):
     config = tiny_config(tmp_path, rankers=["bright-enough"], train={"steps": 10},
-                         selection={"rollout_rounds": 3})
+                         selection={"rollout_rounds": 3, "fresh_anchors": fresh_anchors})
     trainer, summary = run(config, _BinaryPlugin())
     metrics = read_metrics(Path(trainer.run_dir) / "metrics.jsonl")
     assert all("skip_rollout" in m for m in metrics)
