@@ -1,5 +1,10 @@
 """The embedded default at a reduced size: DrPO with the counting check beats the same run with
-shuffled scores (the full-size figures are in docs/toy-world.md)."""
+shuffled scores (the full-size figures are in docs/toy-world.md).
+
+Reduced: two prompts evaluated on 64 held-out seeds each, 60 steps of one prompt, lr 3e-4 (the
+default's 1e-3 is too noisy at one prompt per step). Measured here: ranked +11.7 and +12.5
+points (run seeds 0 and 1), shuffled +0.8 and +0.8.
+"""
 
 import json
 
@@ -20,7 +25,7 @@ def reduced_default(tmp_path, name, **selection):
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text("".join(json.dumps(prompt_metadata(p)) + "\n" for p in PROMPTS))
     assignments = [f"prompts.path={prompts}", f"prompts.eval_path={prompts}", "eval.seeds=0-63",
-                   "train.steps=60", "train.prompts_per_step=1", "log.progress=false",
+                   "train.steps=60", "train.prompts_per_step=1", "train.lr=3e-4", "log.progress=false",
                    f"output_dir={tmp_path / name}", *(f"selection.{k}={v}" for k, v in selection.items())]
     return resolve_config(base=read_yaml(DEFAULT_RECIPE), assignments=assignments)
 
@@ -31,10 +36,10 @@ def test_counting_gain_comes_from_the_ranking(tmp_path):
     shuffled = Trainer(reduced_default(tmp_path, "shuffled", shuffle_scores="true")).train()
     key = "score/shapes:counting"
     gain, control = (r[key] - r[f"base_{key}"] for r in (ranked, shuffled))
-    # 128 held-out samples per run; figures measured on this reduced setting in the docstring above
-    assert gain >= 0.04, gain
+    # 128 held-out samples per run (one sample = 0.8 points); measured figures in the docstring
+    assert gain >= 0.06, gain
     assert control < 0.02, control
-    assert gain - control >= 0.08, (gain, control)
+    assert gain - control >= 0.06, (gain, control)
     assert ranked["diversity_ratio"] >= 0.9
 
 

@@ -251,3 +251,19 @@ def test_sigterm_writes_a_checkpoint_and_exits(tmp_path):
     latest = (tmp_path / "run" / "checkpoints" / "latest").read_text().strip()
     assert latest == f"step-{steps:06d}" and 2 <= steps < 200
     assert "stopped by SIGTERM" in out and "--resume latest" in out
+
+
+def test_ema_of_trainable_weights_is_checkpointed_and_lags_the_weights(tmp_path):
+    trainer, _ = run(tiny_config(tmp_path, train={"steps": 3, "ema_decay": 0.9}, prompts={"eval_count": 0}))
+    from drpo_core.checkpoint import load_checkpoint, resolve_checkpoint
+    from drpo_core.context import BuildContext
+
+    saved = load_checkpoint(resolve_checkpoint(trainer.run_dir)).trainable
+    params = trainer.generator.trainable_parameters()
+    assert [k for k in saved if k.startswith("ema.")] == [f"ema.{i}" for i in range(len(params))]
+    start = make_registry().build("generator", "tiny", {}, BuildContext(seed=3)).trainable_parameters()
+    for i, (param, initial) in enumerate(zip(params, start, strict=True)):
+        ema = saved[f"ema.{i}"]
+        # an average of the path: strictly between the start and the current weights
+        assert not torch.equal(ema, param.detach()) and not torch.equal(ema, initial.detach())
+        assert (ema - param.detach()).norm() < (initial.detach() - param.detach()).norm()
