@@ -188,7 +188,8 @@ def _plot(points: list[tuple[float, float]], path: Path, title: str, size=(480, 
         y0, y1 = min(ys), max(max(ys), min(ys) + 1e-6)
         coords = [(left + (x - x0) / (x1 - x0) * (right - left), bottom - (y - y0) / (y1 - y0) * (bottom - top))
                   for x, y in points]
-        draw.line(coords, fill=(30, 90, 200), width=2) if len(coords) > 1 else None
+        if len(coords) > 1:
+            draw.line(coords, fill=(30, 90, 200), width=2)
         for cx, cy in coords:
             draw.ellipse([cx - 3, cy - 3, cx + 3, cy + 3], fill=(30, 90, 200))
         draw.text((4, top), f"{y1:.3f}", fill="black")
