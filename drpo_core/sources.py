@@ -69,16 +69,10 @@ def gather(features: Features, index: torch.Tensor, k: int) -> Features:
 
 
 class OnlineSource:
-    def __init__(self, rankers: Sequence[tuple[str, Any, float]], *, positives: int, negatives: int,
-                 combine: str, rollout_rounds: int, seed: int, fresh_anchors: bool = False):
-        self.rankers = rankers
-        self.positives, self.negatives = positives, negatives
-        self.combine, self.rollout_rounds, self.seed = combine, rollout_rounds, seed
-        self.fresh_anchors = fresh_anchors
-        binary = {bool(getattr(ranker, "binary", False)) for _, ranker, _ in rankers}
-        if len(binary) > 1:
-            raise DrpoError("rankers: binary rankers (0/1) cannot be mixed with graded ones in one run")
-        self.binary = binary.pop()
+    def __init__(self, *, binary: bool, positives: int, negatives: int, rollout_rounds: int, seed: int,
+                 fresh_anchors: bool = False):
+        self.binary, self.positives, self.negatives = binary, positives, negatives
+        self.rollout_rounds, self.seed, self.fresh_anchors = rollout_rounds, seed, fresh_anchors
 
     def anchors(self, batch: Candidates, k: int) -> Anchors:
         scores, ok = batch.score(batch.latents, batch.records)  # (B, K), (B,)
@@ -201,9 +195,9 @@ def read_pairs(path: str | Path) -> dict[str, dict[str, list[Path]]]:
 class OfflineSource:
     """Static chosen/rejected images as anchors (method.md §9); one prompt per micro-batch row."""
 
-    def __init__(self, path: str | Path, encode: Callable[[torch.Tensor], torch.Tensor],
+    def __init__(self, pairs: dict[str, dict[str, list[Path]]], encode: Callable[[torch.Tensor], torch.Tensor],
                  image_size: tuple[int, int]):
-        self.pairs = read_pairs(path)
+        self.pairs = pairs  # from read_pairs
         self.encode, self.image_size = encode, image_size
         self._cache: dict[Path, torch.Tensor] = {}
 

@@ -115,6 +115,7 @@ class Trainer:
         self.device = self.accelerator.device if train.device in ("auto", "cpu") else torch.device(train.device)
         self.k = self.cfg.selection.candidates
         self._shuffle_rng = torch.Generator().manual_seed(self.cfg.seed)  # selection.shuffle_scores only
+        self._last_failure = ""  # the latest failed prompt's reason, for the stop message
         self._build_components()
         self._build_prompts()
         self.source = self._build_source(data_sampler)
@@ -142,7 +143,10 @@ class Trainer:
             ref_positive_weight=drift.ref_positive_weight, ref_negative_weight=drift.ref_negative_weight,
             ref_radii=tuple(drift.ref_radii) if drift.ref_radii else None, aggregation=drift.aggregation,
         )
-        self.binary = all(getattr(ranker, "binary", False) for _, ranker, _ in self.rankers)
+        binary = {bool(getattr(ranker, "binary", False)) for _, ranker, _ in self.rankers}
+        if len(binary) > 1:
+            raise DrpoError("rankers: binary rankers (0/1) cannot be mixed with graded ones in one run")
+        self.binary = binary.pop()
         params = self.generator.trainable_parameters()
         if not params:
             raise DrpoError(f"generator {cfg.generator.name!r} has no trainable parameters")
@@ -156,16 +160,15 @@ class Trainer:
         cfg = self.cfg
         image_size = tuple(self._probe_image().shape[-2:])
         if cfg.source.kind == "offline":
-            return OfflineSource(self._path(cfg.source.path), self.generator.encode, image_size)
+            return OfflineSource(self._pairs, self.generator.encode, image_size)
         if cfg.source.kind == "data":
             if data_sampler is None and not cfg.source.path:
                 raise DrpoError("source.path is required when source.kind is data (a JSONL of images)")
             sampler = data_sampler or ImageFolderSampler(self._path(cfg.source.path), image_size)
             return DataSource(sampler, self.generator.encode, cfg.selection.positives, cfg.seed)
-        return OnlineSource(self.rankers, positives=cfg.selection.positives,
-                            negatives=cfg.selection.negatives, combine=cfg.selection.combine,
-                            rollout_rounds=cfg.selection.rollout_rounds, seed=cfg.seed,
-                            fresh_anchors=cfg.selection.fresh_anchors)
+        return OnlineSource(binary=self.binary, positives=cfg.selection.positives,
+                            negatives=cfg.selection.negatives, rollout_rounds=cfg.selection.rollout_rounds,
+                            seed=cfg.seed, fresh_anchors=cfg.selection.fresh_anchors)
 
     def _probe_image(self) -> torch.Tensor:
         """One base image, to learn the size data images are brought to."""
@@ -178,8 +181,9 @@ class Trainer:
 
     def _build_prompts(self) -> None:
         p = self.cfg.prompts
-        if p.path is None and self.cfg.source.kind == "offline":
-            records = [PromptRecord(text, None) for text in read_pairs(self._path(self.cfg.source.path))]
+        self._pairs = read_pairs(self._path(self.cfg.source.path)) if self.cfg.source.kind == "offline" else {}
+        if p.path is None and self._pairs:
+            records = [PromptRecord(text, None) for text in self._pairs]
         elif p.path is None:
             raise DrpoError("prompts.path: required (a prompt file, or pkg://package/file)")
         else:
@@ -247,8 +251,9 @@ class Trainer:
                 raise _Failure(f"ranker {name!r} raised {type(error).__name__}: {error}") from error
             per_ranker.append(check_scores(raw, len(prompts), name).reshape(len(records), k))
         finite = torch.stack([s.isfinite().all(dim=1) for s in per_ranker]).all(dim=0)
-        if not finite.all():
-            self._last_failure = f"ranker {self.rankers[0][0]!r} returned non-finite scores"
+        for (name, _, _), s in zip(self.rankers, per_ranker, strict=True):
+            if not s.isfinite().all():
+                self._last_failure = f"ranker {name!r} returned non-finite scores"
         per_ranker = [s.nan_to_num(0.0, posinf=0.0, neginf=0.0) for s in per_ranker]
         if self.cfg.selection.shuffle_scores:
             order = torch.rand(len(records), k, generator=self._shuffle_rng).argsort(dim=1)
