@@ -116,3 +116,35 @@ def test_shipped_base_weights_load_and_count_better_than_chance():
         images = gen.decode(gen.sample(prompts, noise(len(prompts), seed=5)))
     accuracy = ShapesCountingRanker().score(images, prompts, [None] * len(prompts)).mean().item()
     assert 0.15 < accuracy < 0.8  # mediocre on purpose: DrPO has room to improve it
+
+
+@pytest.mark.parametrize("count_noise", [0.0, 0.35])
+def test_pretraining_renders_miscount_at_the_requested_rate(count_noise):
+    from drpo_core.prompts import PromptRecord
+    from drpo_shapes.commands import RenderSampler
+    from drpo_shapes.rankers import ShapesCountingRanker
+
+    sampler, ranker = RenderSampler(count_noise), ShapesCountingRanker()
+    correct = []
+    for prompt in ["one red circle", "two blue bars", "four green pillars"]:
+        images = torch.cat([sampler.sample(PromptRecord(prompt, None), 50, seed) for seed in range(4)])
+        correct.append(ranker.score(images, [prompt] * len(images), [None] * len(images)))
+    miscounted = 1 - torch.cat(correct).mean().item()  # the checker is exact on renders
+    assert abs(miscounted - count_noise) < 0.06, miscounted  # 600 renders: standard error 0.02
+
+
+def test_toy_pretrain_command_writes_weights_the_generator_loads(tmp_path):
+    from typer.testing import CliRunner
+
+    from drpo_cli.main import app
+
+    out = tmp_path / "base.safetensors"
+    result = CliRunner().invoke(app, ["toy", "pretrain", "--steps", "2", "--output-dir", str(tmp_path / "run"),
+                                      "--save", str(out), "--set", "eval.seeds=0", "--set", "log.progress=false"])
+    assert result.exit_code == 0, result.output
+    trained = ShapesGenerator(weights=out)
+    untrained = ShapesGenerator(init="random")
+    assert any(not torch.equal(a, b) for a, b in zip(trained.trainable_parameters(),
+                                                     untrained.trainable_parameters(), strict=True))
+    bad = CliRunner().invoke(app, ["toy", "pretrain", "--count-noise", "1.5", "--output-dir", str(tmp_path / "bad")])
+    assert bad.exit_code == 2 and "count-noise" in bad.output
