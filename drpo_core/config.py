@@ -72,6 +72,9 @@ class DriftConfig(_Strict):
     ref_negative_weight: float = Field(3000.0, gt=0)
     ref_radii: list[float] | None = None
     aggregation: Literal["sum", "mean"] = "sum"
+    key_weights: dict[str, float] = Field(
+        default_factory=dict,
+        description="weights of the preference loss per feature key, by name prefix (default 1)")
 
     @field_validator("radii", "ref_radii")
     @classmethod

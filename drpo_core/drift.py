@@ -76,6 +76,9 @@ Decisions of this implementation (where the official code has B = 1)
 * Kernels receive ``dist`` and ``scale`` in feature units and the *uncentred, unscaled* ``x`` and ``T``
   (so a cosine kernel sees the features themselves); the self mask is then subtracted in place from the
   logits they return (a kernel returning a view of ``dist`` gets a copy).
+* Key weights: ``key_weights`` (by name prefix, longest match) scales a key's *preference* loss, for
+  feature spaces whose keys are not equally informative about the reward; the reference loss keeps
+  every key at weight 1. With no weights (the default) this is the official code's plain sum.
 * Memory: the (B, N, J) matrices are updated in place where possible, so about four of them are alive at
   once per radius.
 """
@@ -283,6 +286,7 @@ class DriftEstimator:
         ref_negative_weight: float = DEFAULT_ANCHOR_WEIGHT,
         ref_radii: Sequence[float] | None = None,
         aggregation: str = "sum",
+        key_weights: Mapping[str, float] | None = None,
     ):
         if aggregation not in ("sum", "mean"):
             raise ValueError(f"aggregation must be 'sum' or 'mean', got {aggregation!r}")
@@ -295,6 +299,12 @@ class DriftEstimator:
         self.ref_negative_weight = ref_negative_weight
         self.ref_radii = self.radii if ref_radii is None else tuple(ref_radii)
         self.aggregation = aggregation
+        self.key_weights = dict(key_weights or {})
+
+    def key_weight(self, key: str) -> float:
+        """Weight of a key's preference loss: the longest matching name prefix in key_weights, else 1."""
+        matches = [prefix for prefix in self.key_weights if key.startswith(prefix)]
+        return self.key_weights[max(matches, key=len)] if matches else 1.0
 
     def targets(
         self,
@@ -359,7 +369,8 @@ class DriftEstimator:
             x = generated[key]
             rows = self._rows(key, x.shape[1], target.shape[1], start, stop, particles_per_candidate)
             full_size = target.shape[1] * target.shape[2]
-            pref.append(_squared_error_sum(x, target[:, rows], targets.pref_sigma[key]) / full_size)
+            error = _squared_error_sum(x, target[:, rows], targets.pref_sigma[key]) / full_size
+            pref.append(self.key_weight(key) * error)
             if ref is not None:
                 ref_target = targets.ref_target[key]
                 ref.append(_squared_error_sum(x, ref_target[:, rows], targets.ref_sigma[key]) / full_size)

@@ -142,6 +142,7 @@ class Trainer:
             negative_weight=drift.negative_weight, ref_lambda=drift.ref_lambda,
             ref_positive_weight=drift.ref_positive_weight, ref_negative_weight=drift.ref_negative_weight,
             ref_radii=tuple(drift.ref_radii) if drift.ref_radii else None, aggregation=drift.aggregation,
+            key_weights=drift.key_weights,
         )
         binary = {bool(getattr(ranker, "binary", False)) for _, ranker, _ in self.rankers}
         if len(binary) > 1:

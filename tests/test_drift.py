@@ -358,6 +358,23 @@ def test_chunked_losses_and_gradients_add_up():
         estimator.loss({k: v[:, 2:].reshape(B, -1, D) for k, v in feats.items()}, targets, start=2)
 
 
+def test_key_weights_scale_the_preference_loss_by_longest_prefix():
+    B, K, D = 2, 6, 5
+    flat = {k: _candidates(B, K, 1, D, seed=i).reshape(B, -1, D) for i, k in enumerate(("enc", "enc_cells", "patch"))}
+    anchors = {k: v[:, :2] for k, v in flat.items()}
+    worst = {k: v[:, -2:] for k, v in flat.items()}
+    ref = {k: v + 0.1 for k, v in flat.items()}
+    plain = DriftEstimator(laplacian)
+    weighted = DriftEstimator(laplacian, key_weights={"enc": 4.0, "enc_cells": 0.5})
+    assert [weighted.key_weight(k) for k in flat] == [4.0, 0.5, 1.0]
+    targets = plain.targets(flat, anchors, worst, ref)
+    per_key = {k: regression_loss(flat[k], targets.pref_target[k], targets.pref_sigma[k]) for k in flat}
+    out = weighted.loss(flat, targets)
+    expected = 4.0 * per_key["enc"] + 0.5 * per_key["enc_cells"] + per_key["patch"]
+    torch.testing.assert_close(out["pref"], expected, rtol=1e-12, atol=0)
+    torch.testing.assert_close(out["ref"], plain.loss(flat, targets)["ref"], rtol=0, atol=0)  # reference untouched
+
+
 def test_reference_skipped_when_lambda_is_zero():
     calls = []
 

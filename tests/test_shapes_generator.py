@@ -68,14 +68,15 @@ def test_unknown_prompt_is_a_clear_error(generator):
 def test_features_are_frozen_differentiable_and_deterministic():
     space = ShapesFeatures()
     assert isinstance(space, FeatureSpace) and space.input == "images"
-    assert not any(p.requires_grad for p in space.cnn.parameters())
+    assert not any(p.requires_grad for p in [*space.cnn.parameters(), *space.encoder.parameters()])
     x = torch.rand(3, 3, 32, 32, requires_grad=True)
     out = space.features(x)
-    assert len(out) == 39
+    assert len(out) == 41
     assert out["patch8@0,0"].shape == (3, 1, 192) and out["patch4@3,3"].shape == (3, 4, 48)
     assert out["pool4"].shape == (3, 1, 192) and out["color"].shape == (3, 1, 3)
     assert out["cnn3"].shape == (3, 1, 64)
     assert out["edges"].shape == (3, 1, 8) and out["edge_cells"].shape == (3, 16, 8)
+    assert out["enc"].shape == (3, 1, 64) and out["enc_cells"].shape == (3, 16, 64)
     sum(v.sum() for v in out.values()).backward()
     assert x.grad is not None and x.grad.abs().sum() > 0
     again = ShapesFeatures().features(x.detach())
@@ -83,7 +84,8 @@ def test_features_are_frozen_differentiable_and_deterministic():
     # the 8x8 patch of cell (1, 2) is exactly those pixels
     assert torch.equal(out["patch8@1,2"][0, 0], x[0, :, 8:16, 16:24].reshape(-1).detach())
     ablated = ShapesFeatures(exclude=["edge", "cnn"]).features(x.detach())
-    assert set(ablated) == {k for k in out if not k.startswith(("edge", "cnn"))} and len(ablated) == 34
+    assert set(ablated) == {k for k in out if not k.startswith(("edge", "cnn"))} and len(ablated) == 36
+    assert set(out) - set(ShapesFeatures(encoder=False).features(x.detach())) == {"enc", "enc_cells"}
 
 
 def test_registry_builds_the_toy_world(tmp_path):
@@ -148,3 +150,24 @@ def test_toy_pretrain_command_writes_weights_the_generator_loads(tmp_path):
                                                      untrained.trainable_parameters(), strict=True))
     bad = CliRunner().invoke(app, ["toy", "pretrain", "--count-noise", "1.5", "--output-dir", str(tmp_path / "bad")])
     assert bad.exit_code == 2 and "count-noise" in bad.output
+
+
+def test_shipped_encoder_counts_renders():
+    from drpo_shapes.encoder import ENCODER_WEIGHTS, heldout_accuracy, load_encoder
+
+    assert ENCODER_WEIGHTS.stat().st_size < 500_000
+    accuracy = heldout_accuracy(load_encoder(), n=300)  # augmented renders of 1-5 objects
+    assert accuracy["count"] > 0.85 and accuracy["color"] > 0.95 and accuracy["shape"] > 0.95, accuracy
+
+
+def test_toy_encoder_command_writes_loadable_weights(tmp_path):
+    from typer.testing import CliRunner
+
+    from drpo_cli.main import app
+    from drpo_shapes.encoder import load_encoder
+
+    out = tmp_path / "encoder.safetensors"
+    result = CliRunner().invoke(app, ["toy", "encoder", "--steps", "2", "--renders", "32", "--save", str(out)])
+    assert result.exit_code == 0, result.output
+    assert "held-out renders: count" in result.output
+    assert load_encoder(out).count_head.weight.shape == (6, 64)

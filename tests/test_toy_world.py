@@ -2,8 +2,9 @@
 shuffled scores (the full-size figures are in docs/toy-world.md).
 
 Reduced: two prompts evaluated on 64 held-out seeds each, 60 steps of one prompt, lr 3e-4 (the
-default's 1e-3 is too noisy at one prompt per step). Measured here: ranked +11.7 and +12.5
-points (run seeds 0 and 1), shuffled +0.8 and +0.8.
+default's 1e-3 is too noisy at one prompt per step). Measured here: ranked +20.3 and +10.9
+points (run seeds 0 and 1), shuffled -5.5 and 0.0. Without the count-aware encoder keys:
+ranked +11.7 and +12.5, shuffled +0.8 and +0.8.
 """
 
 import json
@@ -37,9 +38,9 @@ def test_counting_gain_comes_from_the_ranking(tmp_path):
     key = "score/shapes:counting"
     gain, control = (r[key] - r[f"base_{key}"] for r in (ranked, shuffled))
     # 128 held-out samples per run (one sample = 0.8 points); measured figures in the docstring
-    assert gain >= 0.06, gain
+    assert gain >= 0.10, gain
     assert control < 0.02, control
-    assert gain - control >= 0.06, (gain, control)
+    assert gain - control >= 0.10, (gain, control)
     assert ranked["diversity_ratio"] >= 0.9
 
 

@@ -40,6 +40,8 @@ class FeatureOptions(BaseModel):
     seed: int = 0
     #: drop the keys starting with any of these prefixes (ablations), e.g. ["edge", "cnn"]
     exclude: list[str] = []
+    #: the count-aware encoder's keys (enc, enc_cells); false = the pixel and random-CNN keys only
+    encoder: bool = True
 
 
 @hookimpl
@@ -64,7 +66,7 @@ def drpo_register_commands(cli):
 @hookimpl
 def drpo_register_features(register):
     register("shapes", _build_features, options=FeatureOptions,
-             summary="toy world: per-location pixel patches + random-CNN statistics (frozen)")
+             summary="toy world: pixel patches, random-CNN statistics, count-aware encoder (frozen)")
 
 
 def _ranker_defaults(variant: str | None) -> dict:
@@ -88,4 +90,4 @@ def _build_ranker(options, context):
 def _build_features(options: FeatureOptions, context):
     from drpo_shapes.features import ShapesFeatures
 
-    return ShapesFeatures(seed=options.seed, exclude=options.exclude).to(context.device)
+    return ShapesFeatures(seed=options.seed, exclude=options.exclude, encoder=options.encoder).to(context.device)

@@ -13,6 +13,9 @@ candidates, so a key per image *location* compares candidates location by locati
 * ``cnn1..3``: per-channel mean and std of a fixed, randomly initialised 3-layer CNN: global
   texture statistics (how much edge, corner, colour). Without them the pixel keys alone trained
   poorly in the prototype.
+* ``enc`` and ``enc_cells``: the count-aware encoder of ``encoder.py`` (trained once on renders,
+  frozen), its pooled embedding (one particle) and its 4x4 map as a set of 16 particles. The pixel
+  keys see an object's shape where one is drawn; these see how many there are.
 
 Nothing here is trainable; everything is differentiable with respect to the input image.
 """
@@ -75,9 +78,12 @@ def directional_edges(x: torch.Tensor) -> torch.Tensor:
 class ShapesFeatures(FeatureSpace):
     input = "images"
 
-    def __init__(self, seed: int = 0, exclude: tuple[str, ...] | list[str] = ()):
+    def __init__(self, seed: int = 0, exclude: tuple[str, ...] | list[str] = (), encoder: bool = True):
+        from drpo_shapes.encoder import load_encoder
+
         self.cnn = RandomCNN(seed)
         self.exclude = tuple(exclude)
+        self.encoder = load_encoder() if encoder else None
 
     def features(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         batch, _, height, width = x.shape
@@ -99,8 +105,14 @@ class ShapesFeatures(FeatureSpace):
         for i, h in enumerate(self.cnn(x), start=1):
             stats = torch.cat([h.mean(dim=(2, 3)), h.flatten(2).std(dim=2)], dim=1)
             out[f"cnn{i}"] = stats.unsqueeze(1)
+        if self.encoder is not None:
+            cells = self.encoder.spatial(x)  # (B, 64, 4, 4)
+            out["enc"] = cells.mean(dim=(2, 3)).unsqueeze(1)
+            out["enc_cells"] = cells.flatten(2).transpose(1, 2)
         return {key: value for key, value in out.items() if not key.startswith(self.exclude)} if self.exclude else out
 
     def to(self, device: torch.device | str) -> ShapesFeatures:
         self.cnn.to(device)
+        if self.encoder is not None:
+            self.encoder.to(device)
         return self
