@@ -54,7 +54,7 @@ class Candidates(Protocol):
     step: int
 
     def score(self, latents: torch.Tensor, records: Sequence[Any]) -> tuple[torch.Tensor, torch.Tensor]: ...
-    def rollout(self, b: int, round_index: int) -> torch.Tensor: ...
+    def rollout(self, prompts: list[int], round_index: int) -> torch.Tensor: ...
     def featurise(self, latents: torch.Tensor) -> Features: ...
 
 
@@ -97,15 +97,17 @@ class OnlineSource:
         pools_x = [[] if self.fresh_anchors else list(first_round[b]) for b in range(len(ok))]
         pools_s = [[] if self.fresh_anchors else list(scores[b]) for b in range(len(ok))]
         last_round = self.rollout_rounds + int(self.fresh_anchors)
-        for b in range(len(ok)):
-            round_index = 1
-            while ok[b] and not self._enough(pools_s[b]) and round_index < last_round:
-                extra = batch.rollout(b, round_index)
-                extra_scores, extra_ok = batch.score(extra, [batch.records[b]])
-                ok[b] = ok[b] & extra_ok[0]
-                pools_x[b] += list(extra)
-                pools_s[b] += list(extra_scores[0])
-                round_index += 1
+        for round_index in range(1, last_round):
+            # one batch per round: every prompt still short of anchors gets its next K candidates
+            short = [b for b in range(len(ok)) if ok[b] and not self._enough(pools_s[b])]
+            if not short:
+                break
+            extra = batch.rollout(short, round_index).reshape(len(short), k, *first_round.shape[2:])
+            extra_scores, extra_ok = batch.score(extra.flatten(0, 1), [batch.records[b] for b in short])
+            for i, b in enumerate(short):
+                ok[b] = ok[b] & extra_ok[i]
+                pools_x[b] += list(extra[i])
+                pools_s[b] += list(extra_scores[i])
         positives, negatives, keep = {}, {}, torch.zeros(len(ok), dtype=torch.bool)
         skips = {"failure": int((~ok).sum()), "rollout": 0}
         chosen_pos, chosen_neg = [], []

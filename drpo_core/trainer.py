@@ -84,12 +84,14 @@ class _Batch:
     def score(self, latents, records):
         return self.trainer.score(latents, records)
 
-    def rollout(self, b: int, round_index: int) -> torch.Tensor:
-        k = self.trainer.k
-        noise = make_noise(self.trainer.generator.noise_shape, self.trainer.cfg.seed, self.indices[b],
-                           range(round_index * k, (round_index + 1) * k)).to(self.trainer.device)
+    def rollout(self, prompts: list[int], round_index: int) -> torch.Tensor:
+        """Round ``round_index``'s K extra candidates of each prompt in ``prompts`` (batch positions)."""
+        k, shape, seed = self.trainer.k, self.trainer.generator.noise_shape, self.trainer.cfg.seed
+        candidates = range(round_index * k, (round_index + 1) * k)
+        noise = torch.cat([make_noise(shape, seed, self.indices[b], candidates) for b in prompts])
         with torch.no_grad(), self.trainer.accelerator.autocast():
-            return self.trainer.generator.sample([self.records[b].text] * k, noise).float()
+            return self.trainer.generator.sample([self.records[b].text for b in prompts for _ in range(k)],
+                                                 noise.to(self.trainer.device)).float()
 
     def featurise(self, latents):
         with torch.no_grad():
