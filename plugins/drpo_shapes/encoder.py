@@ -45,8 +45,13 @@ class CountEncoder(nn.Module):
             x = F.relu(conv(x))
         return x
 
+    @staticmethod
+    def embed(cells: torch.Tensor) -> torch.Tensor:
+        """The pooled embedding the heads read (and the ``enc`` feature key)."""
+        return cells.mean(dim=(2, 3))  # over a fixed 4x4 grid: it adds up the objects seen
+
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        embedding = self.spatial(x).mean(dim=(2, 3))  # over a fixed 4x4 grid: it adds up the objects seen
+        embedding = self.embed(self.spatial(x))
         return embedding, self.count_head(embedding), self.color_head(embedding), self.shape_head(embedding)
 
 
@@ -71,7 +76,8 @@ def render_training_set(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor, 
     counts = rng.integers(1, MAX_COUNT + 1, n)
     colors = rng.integers(0, len(COLORS), n)
     shapes = rng.integers(0, len(SHAPES), n)
-    scenes = [Scene(int(c), list(COLORS)[k], SHAPES[s]) for c, k, s in zip(counts, colors, shapes, strict=True)]
+    names = list(COLORS)
+    scenes = [Scene(int(c), names[k], SHAPES[s]) for c, k, s in zip(counts, colors, shapes, strict=True)]
     images = render_batch(scenes, [seed * n + i for i in range(n)])
     return images, torch.from_numpy(counts), torch.from_numpy(colors), torch.from_numpy(shapes)
 

@@ -107,7 +107,7 @@ class ShapesFeatures(FeatureSpace):
             out[f"cnn{i}"] = stats.unsqueeze(1)
         if self.encoder is not None:
             cells = self.encoder.spatial(x)  # (B, 64, 4, 4)
-            out["enc"] = cells.mean(dim=(2, 3)).unsqueeze(1)
+            out["enc"] = self.encoder.embed(cells).unsqueeze(1)
             out["enc_cells"] = cells.flatten(2).transpose(1, 2)
         return {key: value for key, value in out.items() if not key.startswith(self.exclude)} if self.exclude else out
 
