@@ -115,7 +115,8 @@ class TrainConfig(_Strict):
     schedule: Literal["constant", "cosine"] = "constant"
     warmup_steps: int = Field(0, ge=0)
     max_grad_norm: float = Field(1.0, gt=0)
-    ema_decay: float | None = Field(None, gt=0, lt=1, description="EMA of trainable weights (off)")
+    ema_decay: float | None = Field(None, gt=0, lt=1, description="EMA of trainable weights (off); when on, "
+                                     "evaluation, sampling and export use the EMA weights")
     mixed_precision: Literal["no", "fp16", "bf16"] = "no"
     device: str = Field("auto", description="auto, cpu, cuda, cuda:N")
     candidate_chunk: int | None = Field(None, ge=1, description="candidates per grad chunk (memory)")

@@ -29,7 +29,10 @@ def sample_noise(shape: Sequence[int], prompt_position: int, seed: int) -> torch
 
 def load_generator(run_dir: str | Path | None = None, config: ResolvedConfig | None = None,
                    checkpoint: str = "latest", device: str = "cpu") -> tuple[ResolvedConfig, Any]:
-    """The run's generator with its trained weights (or a config's untrained generator)."""
+    """The run's generator with its trained weights (or a config's untrained generator).
+
+    A run that kept an EMA (``train.ema_decay``) gives the EMA weights, the ones its evaluation used.
+    """
     registry = get_registry()
     if run_dir is not None:
         run_dir = Path(run_dir)
@@ -44,6 +47,11 @@ def load_generator(run_dir: str | Path | None = None, config: ResolvedConfig | N
     if run_dir is not None:
         trained = load_checkpoint(path).trainable
         generator.load_trainable_state_dict({k: v for k, v in trained.items() if not k.startswith("ema.")})
+        n_ema = sum(key.startswith("ema.") for key in trained)
+        if n_ema:
+            from drpo_core.trainer import assign_parameters
+
+            assign_parameters(generator.trainable_parameters(), [trained[f"ema.{i}"] for i in range(n_ema)])
     return config, generator
 
 

@@ -26,7 +26,8 @@ import platform
 import signal
 import subprocess
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -351,7 +352,9 @@ class Trainer:
                     self.metrics.write(record)
                     progress.update(task, completed=step, metrics=_progress_text(record))
                     if cfg.eval.every and step % cfg.eval.every == 0 and step < cfg.train.steps:
-                        if self.evaluator.run(step, self._log_eval) == "stop":
+                        with self.ema_weights():
+                            verdict = self.evaluator.run(step, self._log_eval)
+                        if verdict == "stop":
                             break
                     if step % cfg.checkpoint.every == 0:
                         self.save(step)
@@ -362,7 +365,8 @@ class Trainer:
         if self._stop_signal is not None:
             self.console.print(f"stopped by {self._stop_signal} at step {step}; resume with --resume latest")
             return {"step": step, "stopped": self._stop_signal}
-        summary = self.evaluator.run(step, self._log_eval, final=True)
+        with self.ema_weights():
+            summary = self.evaluator.run(step, self._log_eval, final=True)
         self.accelerator.end_training()
         return {"step": step, **(summary or {})}
 
@@ -403,6 +407,20 @@ class Trainer:
         with torch.no_grad():
             for shadow, param in zip(self.ema, self.generator.trainable_parameters(), strict=True):
                 shadow.lerp_(param.detach(), 1 - decay)
+
+    @contextmanager
+    def ema_weights(self) -> Iterator[None]:
+        """The EMA weights in place of the trained ones while inside, for evaluation (a no-op without EMA)."""
+        if self.ema is None:
+            yield
+            return
+        params = self.generator.trainable_parameters()
+        trained = [p.detach().clone() for p in params]
+        assign_parameters(params, self.ema)
+        try:
+            yield
+        finally:
+            assign_parameters(params, trained)
 
     def _on_signal(self, signum, frame) -> None:
         self._stop_signal = signal.Signals(signum).name
@@ -463,6 +481,13 @@ class Trainer:
             "device": str(self.device),
         }
         (self.run_dir / "run.json").write_text(json.dumps(info, indent=2))
+
+
+def assign_parameters(params: Sequence[torch.nn.Parameter], values: Sequence[torch.Tensor]) -> None:
+    """Copy ``values`` into ``params`` in place, in order (EMA weights in, trained weights back)."""
+    with torch.no_grad():
+        for param, value in zip(params, values, strict=True):
+            param.copy_(value)
 
 
 class _Failure(Exception):

@@ -253,6 +253,26 @@ def test_sigterm_writes_a_checkpoint_and_exits(tmp_path):
     assert "stopped by SIGTERM" in out and "--resume latest" in out
 
 
+def test_evaluation_and_loaded_runs_use_the_ema_weights(tmp_path, isolated_registry):
+    from drpo_core.runs import load_generator
+
+    trainer, summary = run(tiny_config(tmp_path, train={"steps": 3, "ema_decay": 0.9}))
+    params = trainer.generator.trainable_parameters()
+    trained = [p.detach().clone() for p in params]
+
+    def score() -> float:
+        return trainer.evaluator._measure(*trainer.evaluator._generate(reference=False))["score/tiny-brightness"]
+
+    with trainer.ema_weights():
+        assert all(torch.equal(p, shadow) for p, shadow in zip(params, trainer.ema, strict=True))
+        ema_score = score()
+    assert all(torch.equal(p, t) for p, t in zip(params, trained, strict=True))  # restored afterwards
+    assert summary["score/tiny-brightness"] == pytest.approx(ema_score)
+    assert score() != pytest.approx(ema_score)  # the trained weights score otherwise
+    _, loaded = load_generator(trainer.run_dir)
+    assert all(torch.equal(p, shadow) for p, shadow in zip(loaded.trainable_parameters(), trainer.ema, strict=True))
+
+
 def test_ema_of_trainable_weights_is_checkpointed_and_lags_the_weights(tmp_path):
     trainer, _ = run(tiny_config(tmp_path, train={"steps": 3, "ema_decay": 0.9}, prompts={"eval_count": 0}))
     from drpo_core.checkpoint import load_checkpoint, resolve_checkpoint
