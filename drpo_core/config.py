@@ -124,6 +124,12 @@ class TrainConfig(_Strict):
     failure_window: int = Field(20, ge=1)
     max_failures: int = Field(10, ge=1, description="failed prompts per window before stopping")
 
+    @field_validator("mixed_precision", mode="before")
+    @classmethod
+    def _yaml_no(cls, value: Any) -> Any:
+        # YAML 1.1 reads a bare `no` (in a file or in --set train.mixed_precision=no) as false
+        return "no" if value is False else value
+
 
 class CheckpointConfig(_Strict):
     every: int = Field(50, ge=1)

@@ -92,6 +92,16 @@ def test_lr_from_yaml_and_set_is_a_float(isolated_registry, write):
     assert resolve_config(recipe, assignments=["train.lr=2e-5"]).config.train.lr == 2e-5
 
 
+def test_mixed_precision_no_survives_yaml_booleans(isolated_registry, write):
+    # YAML 1.1 reads a bare `no` as false: in a file and in --set it must still mean "no"
+    recipe = write(COMPONENTS + "train:\n  mixed_precision: no\n")
+    assert resolve_config(recipe).config.train.mixed_precision == "no"
+    assigned = resolve_config(recipe, assignments=["train.mixed_precision=bf16", "train.mixed_precision=no"])
+    assert assigned.config.train.mixed_precision == "no"
+    with pytest.raises(ConfigError, match="mixed_precision"):
+        resolve_config(recipe, assignments=["train.mixed_precision=yes"])
+
+
 def test_several_rankers_with_weights(isolated_registry, write):
     recipe = write("""\
         generator: tiny
