@@ -433,3 +433,29 @@ def test_prompts_do_not_interact_and_low_precision_inputs_compute_in_float32():
     assert loss.dtype == fld.F.dtype == torch.float32
     loss.sum().backward()
     assert xb.grad.dtype == torch.bfloat16
+
+
+def test_keys_of_one_shape_are_batched_exactly_like_one_call_per_key():
+    # "a", "b" and "c" share a shape and go through one call; "d" has other particles and goes alone
+    sets = {key: _inputs(B=2, seed=i) for i, key in enumerate("abc")}
+    x_d, pos_d, neg_d = _inputs(B=2, seed=3)
+    sets["d"] = (x_d[:, :4], pos_d, neg_d)
+    generated, positives, negatives = ({key: v[i] for key, v in sets.items()} for i in range(3))
+    reference = {key: x.flip(1) + 0.1 for key, x in generated.items()}
+    calls = []
+
+    def counting_laplacian(dist, scale, radius, x, targets):
+        calls.append(dist.shape[0])
+        return laplacian(dist, scale, radius, x, targets)
+
+    estimator = DriftEstimator(counting_laplacian, radii=(0.05, 0.2))
+    tg = estimator.targets(generated, positives, negatives, reference)
+    assert calls == [6, 6, 6, 6, 2, 2, 2, 2]  # pref and ref, 2 radii: the group of 3 keys x B=2, then "d"
+    for key, x in generated.items():
+        pref = drift_field(x, positives[key], negatives[key], kernel=laplacian, radii=(0.05, 0.2))
+        ref = drift_field(x, reference[key], x, kernel=laplacian, radii=(0.05, 0.2), mask_negative_self=True)
+        torch.testing.assert_close(tg.pref_target[key], x / pref.sigma + pref.F, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(tg.ref_target[key], x / ref.sigma + ref.F, rtol=1e-12, atol=1e-12)
+        assert tg.stats[f"{key}/pref/rms_r0.05"] == pytest.approx(pref.rms[0].mean().item(), rel=1e-12)
+        assert tg.stats[f"{key}/ref/field_sq"] == pytest.approx(ref.F.pow(2).mean().item(), rel=1e-12)
+        assert tg.stats[f"{key}/pref/sigma"] == pytest.approx(pref.sigma.mean().item(), rel=1e-12)
