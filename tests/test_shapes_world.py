@@ -98,6 +98,17 @@ def test_every_shape_is_recognised_as_itself_even_when_blurred():
     assert np.mean(blurred) >= 0.95
 
 
+def test_a_batch_is_detected_exactly_as_its_images_one_by_one():
+    # one labelling pass over a (B, colours, H, W) stack must not join components across images or colours
+    scenes = [world.Scene(count, color, shape) for count in (1, 4) for color in world.COLORS for shape in world.SHAPES]
+    images = world.render_batch(scenes, list(range(len(scenes))))
+    blurred = torch.from_numpy(ndimage.gaussian_filter(images.numpy(), (0, 0, 1.2, 1.2)))  # merges, smears
+    batch = torch.cat([images, blurred, images.roll(16, dims=0)])
+    found = detect(batch)
+    assert found == [detect(image) for image in batch]
+    assert sum(len(d) for per_image in found[:len(scenes)] for d in per_image.values()) == 12 * (1 + 4)
+
+
 def test_ranker_scores_binary_and_uses_metadata_or_the_prompt():
     ranker = ShapesCountingRanker()
     assert ranker.binary

@@ -38,11 +38,11 @@ _PALETTE_DIRS /= np.linalg.norm(_PALETTE_DIRS, axis=1, keepdims=True)
 _EIGHT_CONNECTED = np.ones((3, 3), dtype=bool)
 
 
-def colour_labels(image: np.ndarray) -> np.ndarray:
-    """Per pixel: index into the palette, or -1 for background. ``image`` is ``(H, W, 3)``."""
-    chroma = image - image.mean(axis=2, keepdims=True)
-    strength = np.linalg.norm(chroma, axis=2)
-    labels = np.argmax(chroma @ _PALETTE_DIRS.T, axis=2)
+def colour_labels(images: np.ndarray) -> np.ndarray:
+    """Per pixel: index into the palette, or -1 for background. ``images`` is ``(..., H, W, 3)``."""
+    chroma = images - images.mean(axis=-1, keepdims=True)
+    strength = np.linalg.norm(chroma, axis=-1)
+    labels = np.argmax(chroma @ _PALETTE_DIRS.T, axis=-1)
     return np.where(strength >= CHROMA_MIN, labels, -1)
 
 
@@ -62,31 +62,47 @@ def classify_shape(mask: np.ndarray) -> str | None:
     return None
 
 
+def detect_batch(images: np.ndarray) -> list[dict[str, list[Detection]]]:
+    """Detections ``{shape: [Detection, ...]}`` (best first) of each ``(H, W, 3)`` image of a ``(B, H, W, 3)``
+    array in [0, 1].
+
+    One connected-component pass labels every colour mask of every image at once: a (B, colours, H, W)
+    stack whose structure connects pixels within a plane only, so each plane is labelled as on its own.
+    """
+    masks = colour_labels(images)[:, None] == np.arange(len(_NAMES))[None, :, None, None]
+    structure = np.zeros((3, 3, 3, 3), dtype=bool)
+    structure[1, 1] = _EIGHT_CONNECTED
+    components, _ = ndimage.label(masks, structure=structure)
+    chroma = np.linalg.norm(images - images.mean(axis=-1, keepdims=True), axis=-1)
+    found: list[dict[str, list[Detection]]] = [{} for _ in range(len(images))]
+    for label, box in enumerate(ndimage.find_objects(components), start=1):
+        if box is None:
+            continue
+        image_index, colour_index, slice_y, slice_x = box[0].start, box[1].start, box[2], box[3]
+        # another component of the same colour may poke into this box: keep only this one
+        mask = components[image_index, colour_index, slice_y, slice_x] == label
+        if mask.sum() < MIN_AREA:
+            continue
+        shape = classify_shape(mask)
+        if shape is None:
+            continue
+        # confidence: how saturated the object is, relative to a crisp render of its colour
+        reference = np.linalg.norm(_PALETTE[colour_index] - _PALETTE[colour_index].mean())
+        score = float(min(1.0, chroma[image_index, slice_y, slice_x][mask].mean() / reference))
+        box_xy = (float(slice_x.start), float(slice_y.start), float(slice_x.stop), float(slice_y.stop))
+        found[image_index].setdefault(shape, []).append(Detection(score, box_xy, _NAMES[colour_index]))
+    return [{shape: sorted(d, key=lambda d: d.score, reverse=True) for shape, d in image.items()} for image in found]
+
+
 def detect_array(image: np.ndarray) -> dict[str, list[Detection]]:
     """Detections ``{shape: [Detection, ...]}`` (best first) in an ``(H, W, 3)`` array in [0, 1]."""
-    labels = colour_labels(image)
-    chroma = np.linalg.norm(image - image.mean(axis=2, keepdims=True), axis=2)
-    found: dict[str, list[Detection]] = {}
-    for index, colour in enumerate(_NAMES):
-        components, _ = ndimage.label(labels == index, structure=_EIGHT_CONNECTED)
-        for label, (slice_y, slice_x) in enumerate(ndimage.find_objects(components), start=1):
-            # another component of the same colour may poke into this box: keep only this one
-            mask = components[slice_y, slice_x] == label
-            if mask.sum() < MIN_AREA:
-                continue
-            shape = classify_shape(mask)
-            if shape is None:
-                continue
-            # confidence: how saturated the object is, relative to a crisp render of its colour
-            reference = np.linalg.norm(_PALETTE[index] - _PALETTE[index].mean())
-            score = float(min(1.0, chroma[slice_y, slice_x][mask].mean() / reference))
-            box = (float(slice_x.start), float(slice_y.start), float(slice_x.stop), float(slice_y.stop))
-            found.setdefault(shape, []).append(Detection(score, box, colour))
-    return {shape: sorted(d, key=lambda d: d.score, reverse=True) for shape, d in found.items()}
+    return detect_batch(image[None])[0]
 
 
-def detect(image) -> dict[str, list[Detection]]:
-    """``detect_array`` for a tensor ``(3, H, W)`` in [0, 1] (or an ``(H, W, 3)`` array)."""
-    if not isinstance(image, np.ndarray):
-        image = image.detach().float().cpu().permute(1, 2, 0).numpy()
-    return detect_array(np.clip(image, 0.0, 1.0))
+def detect(images) -> dict[str, list[Detection]] | list[dict[str, list[Detection]]]:
+    """``detect_array`` for a tensor ``(3, H, W)`` in [0, 1] (or an ``(H, W, 3)`` array); ``detect_batch``
+    for a batch ``(B, 3, H, W)``."""
+    if not isinstance(images, np.ndarray):
+        images = images.detach().float().cpu().movedim(-3, -1).numpy()
+    images = np.clip(images, 0.0, 1.0)
+    return detect_batch(images) if images.ndim == 4 else detect_array(images)

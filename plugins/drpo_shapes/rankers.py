@@ -33,8 +33,8 @@ class ShapesCountingRanker(Ranker):
                 f"shapes ranker got {len(images)} images, {len(prompts)} prompts, {len(metadata)} metadata"
             )
         scores = []
-        for image, prompt, meta in zip(images, prompts, metadata, strict=True):
-            verdict = evaluate(detect(image), meta if meta is not None else prompt_metadata(prompt))
+        for found, prompt, meta in zip(detect(images), prompts, metadata, strict=True):
+            verdict = evaluate(found, meta if meta is not None else prompt_metadata(prompt))
             scores.append(float(verdict.correct))
         return torch.tensor(scores, dtype=torch.float32)
 
