@@ -274,7 +274,7 @@ class DriftTargets:
 def _same_shape_groups(*sets: Mapping[str, Tensor] | None) -> list[list[str]]:
     """The keys of ``sets[0]``, grouped (in order of first appearance) by their shapes, dtypes and devices in every set."""
     groups: dict[tuple, list[str]] = {}
-    for key, x in sets[0].items():
+    for key in sets[0]:
         signature = tuple((tuple(t[key].shape), t[key].dtype, t[key].device) for t in sets if t is not None)
         groups.setdefault(signature, []).append(key)
     return list(groups.values())
