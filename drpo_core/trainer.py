@@ -305,15 +305,16 @@ class Trainer:
         losses = {"pref": 0.0, "ref": 0.0}
         for start in range(0, k, chunk):
             stop = min(k, start + chunk)
-            with timer("backward"), self.accelerator.autocast():
-                x = gen.sample([p for p in kept_prompts for _ in range(stop - start)],
-                               kept_noise[:, start:stop].reshape(-1, *noise.shape[1:]))
-                x = gen.decode(x) if self.features.input == "images" else x
-                feats = {key: v.float().reshape(len(kept_prompts), -1, v.shape[-1])
-                         for key, v in self.features.features(x).items()}
-                loss = self.estimator.loss(feats, targets, start, stop, per_candidate)
-            # the mean over kept prompts, and over micro-batches through ``scale``
-            self.accelerator.backward(loss["total"].sum() / len(records) * scale)
+            with timer("backward"):  # the generator again, with grad, then the backward pass
+                with self.accelerator.autocast():
+                    x = gen.sample([p for p in kept_prompts for _ in range(stop - start)],
+                                   kept_noise[:, start:stop].reshape(-1, *noise.shape[1:]))
+                    x = gen.decode(x) if self.features.input == "images" else x
+                    feats = {key: v.float().reshape(len(kept_prompts), -1, v.shape[-1])
+                             for key, v in self.features.features(x).items()}
+                    loss = self.estimator.loss(feats, targets, start, stop, per_candidate)
+                # the mean over kept prompts, and over micro-batches through ``scale``
+                self.accelerator.backward(loss["total"].sum() / len(records) * scale)
             losses["pref"] += float(loss["pref"].detach().sum() / len(kept_prompts))
             if loss["ref"] is not None:
                 losses["ref"] += float(loss["ref"].detach().sum() / len(kept_prompts))
