@@ -115,7 +115,8 @@ class Kernel(Protocol):
 
     ``dist`` (B, N, J) are Euclidean distances between ``x`` (B, N, D) and ``targets`` (B, J, D),
     ``scale`` (B, 1, 1) is the weighted mean distance s of the drift field, ``radius`` the
-    relative temperature r.
+    relative temperature r. Each batch row must be treated on its own: the drift field stacks the
+    feature keys of one shape along the batch.
     """
 
     def __call__(
