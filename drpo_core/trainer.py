@@ -275,11 +275,8 @@ class Trainer:
         noise = torch.cat([make_noise(gen.noise_shape, self.cfg.seed, i, range(k)) for i in indices]).to(self.device)
         with timer("sample"), torch.no_grad(), self.accelerator.autocast():
             latents = gen.sample(prompts, noise).float()
-        with timer("reference"), torch.no_grad(), self.accelerator.autocast():
-            reference = gen.reference(prompts, noise).float() if self.estimator.ref_lambda > 0 else None
         with timer("features"), torch.no_grad():
             features = self.featurise(latents)
-            ref_features = self.featurise(reference) if reference is not None else None
         candidates = _Batch(self, records, indices, noise, latents, features, step)
         with timer("rank"):
             anchors = self.source.anchors(candidates, k)
@@ -288,18 +285,18 @@ class Trainer:
         if not keep.any():
             self._zero_backward()
             return out
-        per_prompt = {key: v.reshape(len(records), -1, v.shape[-1])[keep] for key, v in features.items()}
+        kept_prompts = [r.text for r, kept in zip(records, keep.tolist(), strict=True) if kept]
+        kept_noise = noise.reshape(len(records), k, *noise.shape[1:])[keep]
+        ref_features = self._reference_features(kept_prompts, kept_noise) if self.estimator.ref_lambda > 0 else None
         with timer("drift"):
             targets = self.estimator.targets(
-                per_prompt,
+                {key: v.reshape(len(records), -1, v.shape[-1])[keep] for key, v in features.items()},
                 {key: v[keep] for key, v in anchors.positives.items()},
                 {key: v[keep] for key, v in anchors.negatives.items()},
                 None if ref_features is None else
-                {key: v.reshape(len(records), -1, v.shape[-1])[keep] for key, v in ref_features.items()},
+                {key: v.reshape(len(kept_prompts), -1, v.shape[-1]) for key, v in ref_features.items()},
             )
         out.update(targets.stats)
-        kept_prompts = [r.text for r, kept in zip(records, keep.tolist(), strict=True) if kept]
-        kept_noise = noise.reshape(len(records), k, *noise.shape[1:])[keep]
         per_candidate = {key: v.shape[1] for key, v in features.items()}
         chunk = self.cfg.train.candidate_chunk or k
         losses = {"pref": 0.0, "ref": 0.0}
@@ -320,6 +317,15 @@ class Trainer:
                 losses["ref"] += float(loss["ref"].detach().sum() / len(kept_prompts))
         out.update(loss_pref=losses["pref"], loss_ref=losses["ref"])
         return out
+
+    def _reference_features(self, prompts: list[str], noise: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Features of the frozen base's samples on the kept prompts' noise (B, K, ...): after the ranking,
+        so that prompts the source skipped cost no reference pass."""
+        with self.timer("reference"), torch.no_grad(), self.accelerator.autocast():
+            reference = self.generator.reference([p for p in prompts for _ in range(noise.shape[1])],
+                                                 noise.flatten(0, 1)).float()
+        with self.timer("features"), torch.no_grad():
+            return self.featurise(reference)
 
     def _zero_backward(self) -> None:
         """Nothing to train in this micro-batch: a zero backward keeps DDP ranks in step."""

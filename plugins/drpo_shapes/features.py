@@ -67,12 +67,11 @@ def directional_edges(x: torch.Tensor) -> torch.Tensor:
     padded = F.pad(x, (1, 1, 1, 1), mode="replicate")
     gx = (padded[:, :, 1:-1, 2:] - padded[:, :, 1:-1, :-2]) / 2
     gy = (padded[:, :, 2:, 1:-1] - padded[:, :, :-2, 1:-1]) / 2
+    magnitude = (gx.pow(2) + gy.pow(2) + 1e-6).sqrt()  # smooth: defined at 0
     angles = torch.arange(DIRECTIONS, device=x.device, dtype=x.dtype) * (torch.pi / DIRECTIONS)
-    along = gx.unsqueeze(1) * angles.cos()[None, :, None, None, None] + gy.unsqueeze(1) * angles.sin()[
-        None, :, None, None, None
-    ]  # (B, 8, 3, H, W)
-    magnitude = (gx.pow(2) + gy.pow(2) + 1e-6).sqrt().unsqueeze(1)  # smooth: defined at 0
-    return (magnitude * (along / magnitude).pow(8)).sum(dim=2)
+    cos = ((gx / magnitude).unsqueeze(1) * angles.cos()[None, :, None, None, None]
+           + (gy / magnitude).unsqueeze(1) * angles.sin()[None, :, None, None, None])  # (B, 8, 3, H, W)
+    return (cos.square_().square_().square_() * magnitude.unsqueeze(1)).sum(dim=2)  # cos^8 x magnitude
 
 
 class ShapesFeatures(FeatureSpace):
