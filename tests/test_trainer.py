@@ -170,6 +170,21 @@ def test_binary_rollout_counts_skips_and_learns(tmp_path, fresh_anchors):
     assert summary["score/bright-enough"] > summary["base_score/bright-enough"]
 
 
+def test_the_reference_pass_runs_on_the_kept_prompts_only(tmp_path):
+    config = tiny_config(tmp_path, rankers=["bright-enough"], train={"steps": 10}, selection={"rollout_rounds": 1})
+    registry = make_registry(_BinaryPlugin())
+    trainer = Trainer(resolve_config(base=config, registry=registry), registry=registry)
+    reference, sampled = trainer.generator.reference, []
+    trainer.generator.reference = lambda prompts, noise: sampled.append(len(prompts)) or reference(prompts, noise)
+    trainer.train()
+    steps = [m for m in read_metrics(Path(trainer.run_dir) / "metrics.jsonl") if "skip_rollout" in m]
+    skipped = sum(m["skip_rollout"] + m["skip_failure"] for m in steps)
+    kept = sum(m["prompts"] for m in steps) - skipped
+    assert skipped > 0 and kept > 0, (skipped, kept)
+    base_evaluation = len(trainer.eval_prompts) * len(trainer.cfg.eval.seeds)  # the one base pass
+    assert sum(sampled) - base_evaluation == 8 * kept  # K = 8 reference samples per kept prompt
+
+
 # -- exact resume and signals (true subprocesses) -------------------------------------------------
 
 SCRIPT = textwrap.dedent("""
