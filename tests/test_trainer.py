@@ -182,7 +182,7 @@ def test_the_reference_pass_runs_on_the_kept_prompts_only(tmp_path):
     kept = sum(m["prompts"] for m in steps) - skipped
     assert skipped > 0 and kept > 0, (skipped, kept)
     base_evaluation = len(trainer.eval_prompts) * len(trainer.cfg.eval.seeds)  # the one base pass
-    assert sum(sampled) - base_evaluation == 8 * kept  # K = 8 reference samples per kept prompt
+    assert sum(sampled) - base_evaluation == trainer.k * kept  # K reference samples per kept prompt
 
 
 # -- exact resume and signals (true subprocesses) -------------------------------------------------
