@@ -50,6 +50,8 @@ class SelectionConfig(_Strict):
     rollout_rounds: int = Field(4, ge=1, description="binary rankers: rounds of K no-grad candidates")
     fresh_anchors: bool = Field(False, description="binary rankers: draw the anchors from extra no-grad "
                                                    "rounds, not from copies of the trainable candidates")
+    positive_memory: int = Field(0, ge=0, description="binary rankers: correct samples remembered per prompt, "
+                                                      "which top up the positives when a rollout finds too few")
     shuffle_scores: bool = Field(False, description="ablation control: permute each prompt's scores at "
                                                     "random, so the ranking carries no information")
 

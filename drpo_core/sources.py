@@ -7,6 +7,10 @@
   particles in every case; later rounds only supply anchors. (The official code instead trains on
   the kept candidates minus the negatives, i.e. on the positives only; we keep all K trainable so
   every candidate is pushed toward correct samples and away from incorrect ones.)
+  With ``selection.positive_memory`` N > 0, the source also remembers the N most recent correct
+  samples of each prompt (CPU latents, checkpointed); a prompt whose rollout finds fewer than M
+  correct ones draws the rest of its positives from them instead of being skipped. Not in the paper:
+  it gives hard prompts (few correct samples) a signal on every visit.
 * ``offline``: JSONL rows ``{"prompt", "chosen": path|[paths], "rejected": path|[paths]}`` with
   paths relative to the file; the images are encoded by the generator into its space and used as
   positives and negatives (method.md §9).
@@ -70,9 +74,13 @@ def gather(features: Features, index: torch.Tensor, k: int) -> Features:
 
 class OnlineSource:
     def __init__(self, *, binary: bool, positives: int, negatives: int, rollout_rounds: int, seed: int,
-                 fresh_anchors: bool = False):
+                 fresh_anchors: bool = False, positive_memory: int = 0):
         self.binary, self.positives, self.negatives = binary, positives, negatives
         self.rollout_rounds, self.seed, self.fresh_anchors = rollout_rounds, seed, fresh_anchors
+        # binary rankers: up to ``positive_memory`` recent correct samples per prompt text (CPU latents),
+        # which top up the positives of a prompt whose rollout found fewer than M+ correct ones
+        self.memory_size = positive_memory
+        self.memory: dict[str, torch.Tensor] = {}
 
     def anchors(self, batch: Candidates, k: int) -> Anchors:
         scores, ok = batch.score(batch.latents, batch.records)  # (B, K), (B,)
@@ -112,6 +120,8 @@ class OnlineSource:
         skips = {"failure": int((~ok).sum()), "rollout": 0}
         chosen_pos, chosen_neg = [], []
         for b in range(len(ok)):
+            if ok[b] and self.memory_size:
+                self._top_up(batch.records[b].text, pools_x[b], pools_s[b])
             correct = torch.stack(pools_s[b]) >= 0.5
             seed = selection_seed(self.seed, batch.step, batch.indices[b], 0)
             pos, neg, enough = select_binary(correct[None], self.positives, self.negatives, [seed])
@@ -130,6 +140,18 @@ class OnlineSource:
         anchors = Anchors(_scatter(positives, keep), _scatter(negatives, keep), keep, skips)
         anchors.stats = {"accuracy": float(scores[ok].float().mean()) if ok.any() else float("nan")}
         return anchors
+
+    def _top_up(self, prompt: str, pool_x: list[torch.Tensor], pool_s: list[torch.Tensor]) -> None:
+        """Remember the pool's correct samples; short of M+ correct, add remembered ones to the pool."""
+        correct = [x.detach().cpu() for x, s in zip(pool_x, pool_s, strict=True) if s >= 0.5]
+        remembered = self.memory.get(prompt)
+        if remembered is not None and len(correct) < self.positives:
+            pool_x += list(remembered.to(pool_x[0].device))
+            pool_s += [pool_s[0].new_ones(())] * len(remembered)
+        if correct:
+            fresh = torch.stack(correct)
+            merged = fresh if remembered is None else torch.cat([remembered, fresh])
+            self.memory[prompt] = merged[-self.memory_size:]
 
     def _enough(self, scores: list[torch.Tensor]) -> bool:
         if not scores:

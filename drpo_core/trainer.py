@@ -172,7 +172,8 @@ class Trainer:
             return DataSource(sampler, self.generator.encode, cfg.selection.positives, cfg.seed)
         return OnlineSource(binary=self.binary, positives=cfg.selection.positives,
                             negatives=cfg.selection.negatives, rollout_rounds=cfg.selection.rollout_rounds,
-                            seed=cfg.seed, fresh_anchors=cfg.selection.fresh_anchors)
+                            seed=cfg.seed, fresh_anchors=cfg.selection.fresh_anchors,
+                            positive_memory=cfg.selection.positive_memory)
 
     def _probe_image(self) -> torch.Tensor:
         """One base image, to learn the size data images are brought to."""
@@ -452,7 +453,10 @@ class Trainer:
         trainable = dict(self.generator.trainable_state_dict())
         if self.ema is not None:
             trainable.update({f"ema.{i}": t for i, t in enumerate(self.ema)})
-        state = {"step": step, "prompts": self.stream.state_dict(), "metrics_lines": self.metrics.line_count}
+        memory = getattr(self.source, "memory", {})  # remembered correct samples, by prompt text
+        trainable.update({f"memory.{n}": t for n, t in enumerate(memory.values())})
+        state = {"step": step, "prompts": self.stream.state_dict(), "metrics_lines": self.metrics.line_count,
+                 "memory_prompts": list(memory)}
         return ckpt.save_checkpoint(
             self.run_dir, step, trainable=trainable, optimizer_state=self.optimizer.state_dict(),
             scheduler_state=self.scheduler.state_dict(), state=state, config_text=self.resolved.to_yaml(),
@@ -467,6 +471,9 @@ class Trainer:
         trainable = dict(loaded.trainable)
         if self.ema is not None:
             self.ema = [trainable.pop(f"ema.{i}") for i in range(len(self.ema))]
+        if hasattr(self.source, "memory"):
+            self.source.memory = {text: trainable.pop(f"memory.{n}")
+                                  for n, text in enumerate(loaded.state.get("memory_prompts", []))}
         self.generator.load_trainable_state_dict(trainable)
         self.optimizer.load_state_dict(loaded.optimizer_state)
         self.scheduler.load_state_dict(loaded.scheduler_state)

@@ -302,3 +302,23 @@ def test_ema_of_trainable_weights_is_checkpointed_and_lags_the_weights(tmp_path)
         # an average of the path: strictly between the start and the current weights
         assert not torch.equal(ema, param.detach()) and not torch.equal(ema, initial.detach())
         assert (ema - param.detach()).norm() < (initial.detach() - param.detach()).norm()
+
+
+def test_resume_restores_the_memory_of_correct_samples(tmp_path):
+    import shutil
+
+    config = tiny_config(tmp_path, rankers=["bright-enough"], selection={"rollout_rounds": 1, "positive_memory": 3},
+                         prompts={"eval_count": 0})
+    straight, _ = run(config, _BinaryPlugin())
+    assert straight.source.memory, "the binary ranker found correct samples to remember"
+    resumed_dir = tmp_path / "resumed"
+    shutil.copytree(straight.run_dir, resumed_dir)
+    registry = make_registry(_BinaryPlugin())
+    resumed = Trainer(resolve_config(base={**config, "output_dir": str(resumed_dir)}, registry=registry),
+                      registry=registry)
+    resumed.train(resume=str(resumed_dir / "checkpoints" / "step-000003"))
+    assert resumed.source.memory.keys() == straight.source.memory.keys()
+    assert all(torch.equal(resumed.source.memory[p], straight.source.memory[p]) for p in straight.source.memory)
+    a = {k: v for k, v in straight.generator.trainable_state_dict().items()}
+    b = {k: v for k, v in resumed.generator.trainable_state_dict().items()}
+    assert all(torch.equal(a[k], b[k]) for k in a)
