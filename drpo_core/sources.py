@@ -143,7 +143,8 @@ class OnlineSource:
 
     def _top_up(self, prompt: str, pool_x: list[torch.Tensor], pool_s: list[torch.Tensor]) -> None:
         """Remember the pool's correct samples; short of M+ correct, add remembered ones to the pool."""
-        correct = [x.detach().cpu() for x, s in zip(pool_x, pool_s, strict=True) if s >= 0.5]
+        correct = [x for x, s in zip(pool_x, pool_s, strict=True) if s >= 0.5]
+        correct = [x.detach().cpu() for x in correct[-self.memory_size:]]  # copy only what is kept
         remembered = self.memory.get(prompt)
         if remembered is not None and len(correct) < self.positives:
             pool_x += list(remembered.to(pool_x[0].device))

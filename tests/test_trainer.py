@@ -319,6 +319,5 @@ def test_resume_restores_the_memory_of_correct_samples(tmp_path):
     resumed.train(resume=str(resumed_dir / "checkpoints" / "step-000003"))
     assert resumed.source.memory.keys() == straight.source.memory.keys()
     assert all(torch.equal(resumed.source.memory[p], straight.source.memory[p]) for p in straight.source.memory)
-    a = {k: v for k, v in straight.generator.trainable_state_dict().items()}
-    b = {k: v for k, v in resumed.generator.trainable_state_dict().items()}
+    a, b = dict(straight.generator.trainable_state_dict()), dict(resumed.generator.trainable_state_dict())
     assert all(torch.equal(a[k], b[k]) for k in a)
