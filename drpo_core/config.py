@@ -122,6 +122,9 @@ class TrainConfig(_Strict):
     mixed_precision: Literal["no", "fp16", "bf16"] = "no"
     device: str = Field("auto", description="auto, cpu, cuda, cuda:N")
     candidate_chunk: int | None = Field(None, ge=1, description="candidates per grad chunk (memory)")
+    single_pass: bool = Field(False, description="sample the candidates with grad and keep their graph through "
+                              "the ranking: one generator pass instead of two, for small generators whose "
+                              "activations for all K candidates fit (not with candidate_chunk)")
     gradient_checkpointing: bool = True
     failure_window: int = Field(20, ge=1)
     max_failures: int = Field(10, ge=1, description="failed prompts per window before stopping")
@@ -131,6 +134,13 @@ class TrainConfig(_Strict):
     def _yaml_no(cls, value: Any) -> Any:
         # YAML 1.1 reads a bare `no` (in a file or in --set train.mixed_precision=no) as false
         return "no" if value is False else value
+
+    @model_validator(mode="after")
+    def _one_pass_or_chunks(self) -> TrainConfig:
+        if self.single_pass and self.candidate_chunk is not None:
+            raise ValueError("train.single_pass keeps every candidate's graph; it cannot be combined with "
+                             "train.candidate_chunk")
+        return self
 
 
 class CheckpointConfig(_Strict):

@@ -9,6 +9,7 @@ One optimizer step = ``grad_accum`` micro-batches of ``prompts_per_step`` prompt
 5. the generator and features again *with* grad, in chunks of ``candidate_chunk`` candidates
    (the target is detached and the loss separates per candidate, so chunks add up exactly),
    regression onto the targets, backward into the generator's trainable parameters only.
+   With ``train.single_pass`` step 2 samples with grad and step 5 reuses that graph (small generators).
 
 Library use::
 
@@ -220,10 +221,12 @@ class Trainer:
             f"rankers    {rankers}",
             f"features   {cfg.features.name}: {type(self.features).__name__} (input: {self.features.input})",
             f"kernel     {cfg.kernel.name}, radii {cfg.drift.radii}, lambda {cfg.drift.ref_lambda}",
-            f"source     {cfg.source.kind}, K={self.k}, M+={cfg.selection.positives}, M-={cfg.selection.negatives}",
+            f"source     {cfg.source.kind}, K={self.k}, M+={cfg.selection.positives}, M-={cfg.selection.negatives}"
+            + (f", memory {cfg.selection.positive_memory}" if cfg.selection.positive_memory else ""),
             f"prompts    {len(self.train_prompts)} train, {len(self.eval_prompts)} held out",
             f"train      {cfg.train.steps} steps x {cfg.train.prompts_per_step} prompts x {cfg.train.grad_accum} "
-            f"accumulation, lr {cfg.train.lr:g}, device {self.device}, precision {cfg.train.mixed_precision}",
+            f"accumulation, lr {cfg.train.lr:g}, device {self.device}, precision {cfg.train.mixed_precision}"
+            + (", single pass" if cfg.train.single_pass else ""),
             f"output     {self.run_dir}",
         ]
 
@@ -274,10 +277,13 @@ class Trainer:
         k, gen, timer = self.k, self.generator, self.timer
         prompts = [r.text for r in records for _ in range(k)]
         noise = torch.cat([make_noise(gen.noise_shape, self.cfg.seed, i, range(k)) for i in indices]).to(self.device)
-        with timer("sample"), torch.no_grad(), self.accelerator.autocast():
-            latents = gen.sample(prompts, noise).float()
-        with timer("features"), torch.no_grad():
-            features = self.featurise(latents)
+        # single pass: keep the graph from here to the loss instead of sampling again with grad (step 5)
+        live = self.cfg.train.single_pass
+        with timer("sample"), torch.set_grad_enabled(live), self.accelerator.autocast():
+            sampled = gen.sample(prompts, noise).float()
+        with timer("features"), torch.set_grad_enabled(live):
+            live_features = self.featurise(sampled)
+        latents, features = sampled.detach(), {key: v.detach() for key, v in live_features.items()}
         candidates = _Batch(self, records, indices, noise, latents, features, step)
         with timer("rank"):
             anchors = self.source.anchors(candidates, k)
@@ -299,17 +305,21 @@ class Trainer:
             )
         out.update(targets.stats)
         per_candidate = {key: v.shape[1] for key, v in features.items()}
-        chunk = self.cfg.train.candidate_chunk or k
+        chunk = k if live else self.cfg.train.candidate_chunk or k
         losses = {"pref": 0.0, "ref": 0.0}
         for start in range(0, k, chunk):
             stop = min(k, start + chunk)
-            with timer("backward"):  # the generator again, with grad, then the backward pass
+            with timer("backward"):  # the generator again with grad (unless single pass), the backward pass
                 with self.accelerator.autocast():
-                    x = gen.sample([p for p in kept_prompts for _ in range(stop - start)],
-                                   kept_noise[:, start:stop].reshape(-1, *noise.shape[1:]))
-                    x = gen.decode(x) if self.features.input == "images" else x
-                    feats = {key: v.float().reshape(len(kept_prompts), -1, v.shape[-1])
-                             for key, v in self.features.features(x).items()}
+                    if live:
+                        feats = {key: v.reshape(len(records), -1, v.shape[-1])[keep]
+                                 for key, v in live_features.items()}
+                    else:
+                        x = gen.sample([p for p in kept_prompts for _ in range(stop - start)],
+                                       kept_noise[:, start:stop].reshape(-1, *noise.shape[1:]))
+                        x = gen.decode(x) if self.features.input == "images" else x
+                        feats = {key: v.float().reshape(len(kept_prompts), -1, v.shape[-1])
+                                 for key, v in self.features.features(x).items()}
                     loss = self.estimator.loss(feats, targets, start, stop, per_candidate)
                 # the mean over kept prompts, and over micro-batches through ``scale``
                 self.accelerator.backward(loss["total"].sum() / len(records) * scale)

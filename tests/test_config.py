@@ -285,3 +285,10 @@ def test_recommended_settings_of_a_builtin_generator_are_shown_with_their_origin
     assert (resolved.config.selection.candidates, resolved.origins["selection.candidates"]) == (
         24, "generator sd-turbo")
     assert (resolved.config.train.lr, resolved.origins["train.lr"]) == (2e-5, recipe)
+
+
+def test_single_pass_with_candidate_chunks(isolated_registry, write):
+    recipe = write(COMPONENTS + "train: {single_pass: true, candidate_chunk: 4}\n")
+    message = error_of(recipe)
+    assert message.startswith(f"{recipe}:5: train")
+    assert "train.single_pass keeps every candidate's graph" in message

@@ -17,7 +17,7 @@ from PIL import Image
 from drpo_core.config import resolve_config
 from drpo_core.errors import ComponentError
 from drpo_core.hookspecs import hookimpl
-from drpo_core.metrics import read_metrics
+from drpo_core.metrics import StepTimer, read_metrics
 from drpo_core.testing import BrightnessRanker, make_registry
 from drpo_core.trainer import Trainer
 
@@ -78,19 +78,23 @@ def test_run_writes_outputs_and_per_step_metrics(tmp_path):
     assert summary["diversity_ratio"] > 0
 
 
-def test_chunked_gradients_equal_unchunked(tmp_path):
-    grads = []
-    for chunk in (None, 3):
-        registry = make_registry()
-        config = tiny_config(tmp_path / str(chunk), train={"candidate_chunk": chunk})
-        trainer = Trainer(resolve_config(base=config, registry=registry), registry=registry)
-        trainer.timer = __import__("drpo_core.metrics", fromlist=["StepTimer"]).StepTimer()
-        trainer.optimizer.zero_grad()
-        trainer.micro_step(0, trainer.stream.next_batch(2), 1.0)
-        grads.append(torch.cat([p.grad.flatten() for p in trainer.generator.trainable_parameters()]))
+def _first_step_gradients(config: dict, *plugins, prompts: int = 2) -> tuple[torch.Tensor, dict]:
+    """The gradients of the first micro-step, and its metrics."""
+    registry = make_registry(*plugins)
+    trainer = Trainer(resolve_config(base=config, registry=registry), registry=registry)
+    trainer.timer = StepTimer()
+    trainer.optimizer.zero_grad()
+    out = trainer.micro_step(0, trainer.stream.next_batch(prompts), 1.0)
+    return torch.cat([p.grad.flatten() for p in trainer.generator.trainable_parameters()]), out
+
+
+@pytest.mark.parametrize("train", [{"candidate_chunk": 3}, {"single_pass": True}])
+def test_chunked_or_single_pass_gradients_equal_two_passes(tmp_path, train):
+    two_passes, _ = _first_step_gradients(tiny_config(tmp_path / "a"))
+    other, _ = _first_step_gradients(tiny_config(tmp_path / "b", train=train))
     # float32 sums in another order: equal to rounding, 1e-5 of the largest gradient entry
-    torch.testing.assert_close(grads[1], grads[0], rtol=0, atol=1e-5 * grads[0].abs().max().item())
-    assert grads[0].abs().sum() > 0
+    torch.testing.assert_close(other, two_passes, rtol=0, atol=1e-5 * two_passes.abs().max().item())
+    assert two_passes.abs().sum() > 0
 
 
 def _write_images(folder: Path, value: int, count: int) -> list[str]:
@@ -168,6 +172,16 @@ def test_binary_rollout_counts_skips_and_learns(tmp_path, fresh_anchors):
     metrics = read_metrics(Path(trainer.run_dir) / "metrics.jsonl")
     assert all("skip_rollout" in m for m in metrics)
     assert summary["score/bright-enough"] > summary["base_score/bright-enough"]
+
+
+def test_single_pass_trains_only_the_prompts_the_rollout_kept(tmp_path):
+    grads = []
+    for name, train in (("a", {}), ("b", {"single_pass": True})):
+        config = tiny_config(tmp_path / name, rankers=["bright-enough"], selection={"rollout_rounds": 1}, train=train)
+        gradients, out = _first_step_gradients(config, _BinaryPlugin(), prompts=8)
+        assert 0 < out["skip_rollout"] < out["prompts"], out  # some prompts kept, some skipped
+        grads.append(gradients)
+    torch.testing.assert_close(grads[1], grads[0], rtol=0, atol=1e-5 * grads[0].abs().max().item())
 
 
 def test_the_reference_pass_runs_on_the_kept_prompts_only(tmp_path):
