@@ -2,9 +2,8 @@
 shuffled scores (the full-size figures are in docs/toy-world.md).
 
 Reduced: two prompts evaluated on 64 held-out seeds each, 60 steps of one prompt, lr 3e-4 (the
-default's 1e-3 is too noisy at one prompt per step). Measured here: ranked +20.3 and +10.9
-points (run seeds 0 and 1), shuffled -5.5 and 0.0. Without the count-aware encoder keys:
-ranked +11.7 and +12.5, shuffled +0.8 and +0.8.
+default's 1e-3 is too noisy at one prompt per step). Measured here: ranked +23.4 and +11.7
+points (run seeds 0 and 1), shuffled +1.6 and +0.8.
 """
 
 import json
@@ -48,5 +47,6 @@ def test_default_recipe_plan_names_the_toy_world():
     result = CliRunner().invoke(app, ["train", "--dry-run"])
     assert result.exit_code == 0, result.output
     assert "generator  shapes: ShapesGenerator" in result.output
-    assert "source     online, K=16, M+=4, M-=4" in result.output
+    assert "source     online, K=16, M+=4, M-=4, memory 8" in result.output
+    assert "lr 0.001, device cpu, precision no, single pass" in result.output
     assert "24 train, 24 held out" in result.output
