@@ -45,13 +45,12 @@ def load_generator(run_dir: str | Path | None = None, config: ResolvedConfig | N
                            config_dir=config.config_dir)
     generator = registry.build("generator", cfg.generator.name, cfg.generator.options, context, "generator")
     if run_dir is not None:
-        trained = load_checkpoint(path).trainable
-        generator.load_trainable_state_dict({k: v for k, v in trained.items() if not k.startswith("ema.")})
-        n_ema = sum(key.startswith("ema.") for key in trained)
-        if n_ema:
-            from drpo_core.trainer import assign_parameters
+        from drpo_core.trainer import assign_parameters, split_trainable
 
-            assign_parameters(generator.trainable_parameters(), [trained[f"ema.{i}"] for i in range(n_ema)])
+        weights, ema, _ = split_trainable(load_checkpoint(path).trainable)
+        generator.load_trainable_state_dict(weights)
+        if ema:
+            assign_parameters(generator.trainable_parameters(), ema)
     return config, generator
 
 

@@ -478,13 +478,12 @@ class Trainer:
     def _resume(self, which: str) -> int:
         path = ckpt.resolve_checkpoint(self.run_dir if which == "latest" else which)
         loaded = ckpt.load_checkpoint(path)
-        trainable = dict(loaded.trainable)
+        weights, ema, memory = split_trainable(loaded.trainable)
         if self.ema is not None:
-            self.ema = [trainable.pop(f"ema.{i}") for i in range(len(self.ema))]
+            self.ema = ema
         if hasattr(self.source, "memory"):
-            self.source.memory = {text: trainable.pop(f"memory.{n}")
-                                  for n, text in enumerate(loaded.state.get("memory_prompts", []))}
-        self.generator.load_trainable_state_dict(trainable)
+            self.source.memory = dict(zip(loaded.state.get("memory_prompts", []), memory, strict=True))
+        self.generator.load_trainable_state_dict(weights)
         self.optimizer.load_state_dict(loaded.optimizer_state)
         self.scheduler.load_state_dict(loaded.scheduler_state)
         self.stream.load_state_dict(loaded.state["prompts"])
@@ -505,6 +504,16 @@ class Trainer:
             "device": str(self.device),
         }
         (self.run_dir / "run.json").write_text(json.dumps(info, indent=2))
+
+
+def split_trainable(trainable: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], list, list]:
+    """A checkpoint's trainable tensors: the generator's weights, the EMA weights (``ema.{i}``) and the
+    remembered correct samples (``memory.{n}``), each list in its saved order."""
+    def numbered(prefix: str) -> list[torch.Tensor]:
+        return [trainable[f"{prefix}.{i}"] for i in range(sum(key.startswith(f"{prefix}.") for key in trainable))]
+
+    weights = {key: value for key, value in trainable.items() if not key.startswith(("ema.", "memory."))}
+    return weights, numbered("ema"), numbered("memory")
 
 
 def assign_parameters(params: Sequence[torch.nn.Parameter], values: Sequence[torch.Tensor]) -> None:

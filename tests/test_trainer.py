@@ -335,3 +335,16 @@ def test_resume_restores_the_memory_of_correct_samples(tmp_path):
     assert all(torch.equal(resumed.source.memory[p], straight.source.memory[p]) for p in straight.source.memory)
     a, b = dict(straight.generator.trainable_state_dict()), dict(resumed.generator.trainable_state_dict())
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_run_with_memory_and_ema_loads_with_its_ema_weights(tmp_path, isolated_registry):
+    from drpo_core.registry import set_registry
+    from drpo_core.runs import load_generator
+
+    set_registry(make_registry(_BinaryPlugin()))  # the fixture restores the previous one
+    config = tiny_config(tmp_path, rankers=["bright-enough"], selection={"rollout_rounds": 1, "positive_memory": 3},
+                         train={"ema_decay": 0.9})
+    trainer, _ = run(config, _BinaryPlugin())
+    assert trainer.source.memory, "the checkpoint holds remembered samples beside the weights"
+    _, loaded = load_generator(trainer.run_dir)
+    assert all(torch.equal(p, shadow) for p, shadow in zip(loaded.trainable_parameters(), trainer.ema, strict=True))
