@@ -480,6 +480,9 @@ class Trainer:
         loaded = ckpt.load_checkpoint(path)
         weights, ema, memory = split_trainable(loaded.trainable)
         if self.ema is not None:
+            if len(ema) != len(self.ema):
+                raise DrpoError(f"{path} holds {len(ema)} EMA tensors, this run keeps {len(self.ema)}: "
+                                "resume with the train.ema_decay the run was started with")
             self.ema = ema
         if hasattr(self.source, "memory"):
             self.source.memory = dict(zip(loaded.state.get("memory_prompts", []), memory, strict=True))

@@ -15,7 +15,7 @@ import torch
 from PIL import Image
 
 from drpo_core.config import resolve_config
-from drpo_core.errors import ComponentError
+from drpo_core.errors import ComponentError, DrpoError
 from drpo_core.hookspecs import hookimpl
 from drpo_core.metrics import StepTimer, read_metrics
 from drpo_core.testing import BrightnessRanker, make_registry
@@ -88,12 +88,16 @@ def _first_step_gradients(config: dict, *plugins, prompts: int = 2) -> tuple[tor
     return torch.cat([p.grad.flatten() for p in trainer.generator.trainable_parameters()]), out
 
 
+def _assert_equal_to_rounding(actual: torch.Tensor, expected: torch.Tensor) -> None:
+    # float32 sums in another order: equal to rounding, 1e-5 of the largest gradient entry
+    torch.testing.assert_close(actual, expected, rtol=0, atol=1e-5 * expected.abs().max().item())
+
+
 @pytest.mark.parametrize("train", [{"candidate_chunk": 3}, {"single_pass": True}])
 def test_chunked_or_single_pass_gradients_equal_two_passes(tmp_path, train):
     two_passes, _ = _first_step_gradients(tiny_config(tmp_path / "a"))
     other, _ = _first_step_gradients(tiny_config(tmp_path / "b", train=train))
-    # float32 sums in another order: equal to rounding, 1e-5 of the largest gradient entry
-    torch.testing.assert_close(other, two_passes, rtol=0, atol=1e-5 * two_passes.abs().max().item())
+    _assert_equal_to_rounding(other, two_passes)
     assert two_passes.abs().sum() > 0
 
 
@@ -181,7 +185,7 @@ def test_single_pass_trains_only_the_prompts_the_rollout_kept(tmp_path):
         gradients, out = _first_step_gradients(config, _BinaryPlugin(), prompts=8)
         assert 0 < out["skip_rollout"] < out["prompts"], out  # some prompts kept, some skipped
         grads.append(gradients)
-    torch.testing.assert_close(grads[1], grads[0], rtol=0, atol=1e-5 * grads[0].abs().max().item())
+    _assert_equal_to_rounding(grads[1], grads[0])
 
 
 def test_the_reference_pass_runs_on_the_kept_prompts_only(tmp_path):
@@ -348,3 +352,13 @@ def test_a_run_with_memory_and_ema_loads_with_its_ema_weights(tmp_path, isolated
     assert trainer.source.memory, "the checkpoint holds remembered samples beside the weights"
     _, loaded = load_generator(trainer.run_dir)
     assert all(torch.equal(p, shadow) for p, shadow in zip(loaded.trainable_parameters(), trainer.ema, strict=True))
+
+
+def test_resume_with_another_ema_setting_is_one_clear_error(tmp_path):
+    config = tiny_config(tmp_path, train={"steps": 3})
+    run(config)
+    registry = make_registry()
+    with_ema = Trainer(resolve_config(base={**config, "train": {**config["train"], "ema_decay": 0.9}},
+                                      registry=registry), registry=registry)
+    with pytest.raises(DrpoError, match="holds 0 EMA tensors, this run keeps"):
+        with_ema.train(resume="latest")
