@@ -56,13 +56,19 @@ def test_render_is_seeded_and_in_range():
     assert torch.equal(batch[1], world.render("two green circles", 1))
 
 
-def test_layout_keeps_objects_apart_and_inside():
-    for scene in world.all_scenes():
-        boxes = world.layout(scene, 3)
-        assert len(boxes) == scene.count
-        for i, (x, y, width, height) in enumerate(boxes):
-            assert 0 < x and x + width < world.SIZE and 0 < y and y + height < world.SIZE
-            assert all(world._apart(boxes[i], other) for other in boxes[i + 1 :])
+def test_layout_keeps_objects_apart_inside_and_one_per_cell():
+    for scene in [*world.all_scenes(), world.Scene(5, "red", "bar")]:  # five: the encoder's free layout
+        for seed in range(3):
+            boxes = world.layout(scene, seed)
+            assert len(boxes) == scene.count
+            for i, (x, y, width, height) in enumerate(boxes):
+                assert 0 < x and x + width < world.SIZE and 0 < y and y + height < world.SIZE
+                assert all(world._apart(boxes[i], other) for other in boxes[i + 1 :])
+            if scene.count <= 4:  # one object per cell of the 2x2 grid, wholly inside it
+                cells = [(x // world.CELL, y // world.CELL) for x, y, _, _ in boxes]
+                assert len(set(cells)) == scene.count
+                assert all(((x + w - 1) // world.CELL, (y + h - 1) // world.CELL) == cell
+                           for (x, y, w, h), cell in zip(boxes, cells, strict=True))
 
 
 def test_checker_accepts_correct_renders():

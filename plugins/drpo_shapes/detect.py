@@ -24,11 +24,11 @@ from drpo_core.rules import Detection
 from drpo_shapes.world import COLORS
 
 CHROMA_MIN = 0.22  # ~40% object coverage of the weakest (green) colour
-MIN_AREA = 16  # the smallest object (a 12x4 bar) covers 48 pixels
-MAX_AREA = 130  # an 11 px circle covers ~100, a 14x5 bar 70; bigger is merged objects
+MIN_AREA = 16  # the smallest object (a 7 px circle) covers about 38 pixels
+MAX_AREA = 130  # a 10 px circle covers ~80, a 12x4 bar 48; bigger is merged objects
 CIRCLE_ASPECT = 1.35  # a circle's box: width / height within [1/1.35, 1.35]
 CIRCLE_FILL = 0.65  # pixelated circles fill 0.80-0.88 of their box
-BAR_ASPECT = 1.8  # a bar's box is 2.4-3.5 times wider than tall (a pillar: taller than wide)
+BAR_ASPECT = 1.8  # a bar's box is 2.5-3 times wider than tall (a pillar: taller than wide)
 BAR_FILL = 0.75  # a bar fills its box; two merged circles fill ~0.6
 
 _NAMES = list(COLORS)

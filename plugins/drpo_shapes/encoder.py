@@ -71,7 +71,8 @@ def augment(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
 
 
 def render_training_set(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``n`` renders of random scenes with 1-5 objects and their (count, colour, shape) labels."""
+    """``n`` renders of random scenes with 1-5 objects (five placed freely: the world's grid holds four) and their
+    (count, colour, shape) labels."""
     rng = np.random.default_rng(seed)
     counts = rng.integers(1, MAX_COUNT + 1, n)
     colors = rng.integers(0, len(COLORS), n)
