@@ -1,8 +1,8 @@
 """The toy world: flat-coloured shapes on a plain background, and the prompts that describe them.
 
 A prompt names a count, a colour and a shape ("three blue circles"). ``render`` draws a random
-layout that matches it (each object in its own cell of a 2x2 grid), seeded, as a float tensor ``(3, 32, 32)`` in [0, 1]. The metadata of a
-prompt follows GenEval's counting rows: the requested objects are an ``include`` clause (with the
+layout that matches it (each object in its own cell of a 2x2 grid), seeded, as a float tensor
+``(3, 32, 32)`` in [0, 1]. The metadata of a prompt follows GenEval's counting rows: the requested objects are an ``include`` clause (with the
 colour as an attribute) and one more object of the same class is an ``exclude`` clause.
 """
 
@@ -89,16 +89,19 @@ Box = tuple[int, int, int, int]  # x0, y0, width, height in pixels
 def layout(scene: Scene, seed: int) -> list[Box]:
     """Boxes for the scene's objects: each in its own cell of a 2x2 grid, at a random place inside it.
 
-    Objects keep one pixel from their cell's border, so neighbours are ``GAP`` apart. Freely placed
-    objects (rejection sampling) were tried first: four bars or pillars then had so few layouts that
-    fit that the base generator never drew them (0/64 on several four-object prompts).
+    Objects keep one pixel from their cell's border, so neighbours are ``GAP`` apart. Bigger objects
+    placed freely (rejection sampling) were tried first: four bars or pillars fitted in so few layouts
+    that the base generator never drew several four-object prompts (0/64), and smaller objects placed
+    freely still left three at 0/64 (docs/toy-world.md).
     """
     rng = np.random.default_rng([seed, scene.count, list(COLORS).index(scene.color), SHAPES.index(scene.shape)])
     if scene.count > CELLS_PER_SIDE**2:  # more objects than cells (the encoder's "too many" renders)
         return _free_layout(scene, rng)
-    cells = rng.permutation(CELLS_PER_SIDE**2)[: scene.count]
-    return [_place(*_size(scene.shape, rng), (int(c) % CELLS_PER_SIDE) * CELL, (int(c) // CELLS_PER_SIDE) * CELL, CELL, rng)
-            for c in cells]
+    boxes = []
+    for cell in rng.permutation(CELLS_PER_SIDE**2)[: scene.count]:
+        row, col = divmod(int(cell), CELLS_PER_SIDE)
+        boxes.append(_place(*_size(scene.shape, rng), col * CELL, row * CELL, CELL, rng))
+    return boxes
 
 
 def _size(shape: str, rng: np.random.Generator) -> tuple[int, int]:
