@@ -2,8 +2,9 @@
 
 A prompt names a count, a colour and a shape ("three blue circles"). ``render`` draws a random
 layout that matches it (each object in its own cell of a 2x2 grid), seeded, as a float tensor
-``(3, 32, 32)`` in [0, 1]. The metadata of a prompt follows GenEval's counting rows: the requested objects are an ``include`` clause (with the
-colour as an attribute) and one more object of the same class is an ``exclude`` clause.
+``(3, 32, 32)`` in [0, 1]. The metadata of a prompt follows GenEval's counting rows: the requested
+objects are an ``include`` clause (with the colour as an attribute) and one more object of the same
+class is an ``exclude`` clause.
 """
 
 from __future__ import annotations
