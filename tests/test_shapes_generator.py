@@ -1,5 +1,7 @@
 """The toy generator (drpo_shapes.generator) and feature space (drpo_shapes.features)."""
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -123,12 +125,13 @@ def test_shipped_base_weights_load_and_count_better_than_chance():
 def test_shipped_base_draws_every_held_out_prompt_sometimes():
     # the evaluation set of the default run (24 held-out prompts x seeds 0-63): mediocre overall, above zero on
     # every prompt, so DrPO has room to improve and nothing is unlearnable
+    from drpo_core.config import resolve_path
     from drpo_core.prompts import load_prompts
     from drpo_core.runs import sample_noise
-    from drpo_shapes.generator import DEFAULT_WEIGHTS
+    from drpo_shapes import COUNTING_DEFAULTS
     from drpo_shapes.rankers import ShapesCountingRanker
 
-    records = load_prompts(DEFAULT_WEIGHTS.parent.parent / "prompts_eval.jsonl")
+    records = load_prompts(resolve_path(COUNTING_DEFAULTS["prompts.eval_path"], Path.cwd()))
     gen, ranker = ShapesGenerator(), ShapesCountingRanker()
     correct = []
     for i, record in enumerate(records):
