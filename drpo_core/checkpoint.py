@@ -28,7 +28,7 @@ import re
 import secrets
 import shutil
 import warnings
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -407,3 +407,24 @@ def _restore_cuda(states: list[torch.Tensor]) -> None:
                       f"{available}: restoring the first {min(available, len(states))}", stacklevel=3)
     for index, device_state in enumerate(states[:available]):
         torch.cuda.set_rng_state(device_state, index)
+
+
+# ----------------------------------------------------------------------------------------------
+# the trainable file's layout
+
+
+def split_trainable(trainable: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], list, list]:
+    """A checkpoint's trainable tensors: the generator's weights, the EMA weights (``ema.{i}``) and the
+    remembered correct samples (``memory.{n}``), each list in its saved order."""
+    def numbered(prefix: str) -> list[torch.Tensor]:
+        return [trainable[f"{prefix}.{i}"] for i in range(sum(key.startswith(f"{prefix}.") for key in trainable))]
+
+    weights = {key: value for key, value in trainable.items() if not key.startswith(("ema.", "memory."))}
+    return weights, numbered("ema"), numbered("memory")
+
+
+def assign_parameters(params: Sequence[torch.nn.Parameter], values: Sequence[torch.Tensor]) -> None:
+    """Copy ``values`` into ``params`` in place, in order (EMA weights in, trained weights back)."""
+    with torch.no_grad():
+        for param, value in zip(params, values, strict=True):
+            param.copy_(value)

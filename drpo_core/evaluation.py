@@ -17,6 +17,8 @@ import torch
 from PIL import Image, ImageDraw
 from rich.table import Table
 
+from drpo_core.noise import sample_noise
+
 if TYPE_CHECKING:
     from drpo_core.trainer import Trainer
 
@@ -31,8 +33,6 @@ class Evaluator:
         self.best, self.evals_without_gain = -float("inf"), 0
 
     def _noise(self) -> torch.Tensor:
-        from drpo_core.runs import sample_noise
-
         shape = self.trainer.generator.noise_shape
         return torch.stack([sample_noise(shape, i, seed)
                             for i in range(len(self.trainer.eval_prompts)) for seed in self.cfg.seeds])

@@ -11,20 +11,14 @@ import numpy as np
 import torch
 from PIL import Image
 
-from drpo_core.checkpoint import load_checkpoint, resolve_checkpoint
+from drpo_core.checkpoint import assign_parameters, load_checkpoint, resolve_checkpoint, split_trainable
 from drpo_core.config import ResolvedConfig, read_yaml, resolve_config
 from drpo_core.context import BuildContext
 from drpo_core.errors import DrpoError
+from drpo_core.noise import sample_noise
 from drpo_core.prompts import PromptRecord
 from drpo_core.registry import get_registry
 from drpo_core.sources import load_image
-
-
-def sample_noise(shape: Sequence[int], prompt_position: int, seed: int) -> torch.Tensor:
-    """The noise of (prompt, seed) at evaluation and sampling time: disjoint from training noise."""
-    from drpo_core.trainer import make_noise
-
-    return make_noise(shape, seed, -1 - prompt_position, range(1))[0]
 
 
 def load_generator(run_dir: str | Path | None = None, config: ResolvedConfig | None = None,
@@ -45,8 +39,6 @@ def load_generator(run_dir: str | Path | None = None, config: ResolvedConfig | N
                            config_dir=config.config_dir)
     generator = registry.build("generator", cfg.generator.name, cfg.generator.options, context, "generator")
     if run_dir is not None:
-        from drpo_core.trainer import assign_parameters, split_trainable
-
         weights, ema, _ = split_trainable(load_checkpoint(path).trainable)
         generator.load_trainable_state_dict(weights)
         if ema:

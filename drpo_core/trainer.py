@@ -20,7 +20,6 @@ Library use::
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import platform
@@ -37,12 +36,14 @@ import torch
 from rich.console import Console
 
 from drpo_core import checkpoint as ckpt
+from drpo_core.checkpoint import assign_parameters, split_trainable
 from drpo_core.config import ResolvedConfig, resolve_path
 from drpo_core.context import BuildContext
 from drpo_core.drift import DriftEstimator
 from drpo_core.errors import ComponentError, DrpoError
 from drpo_core.evaluation import Evaluator
 from drpo_core.metrics import MetricsLog, StepTimer
+from drpo_core.noise import make_noise
 from drpo_core.prompts import PromptRecord, PromptStream, load_prompts, split_prompts
 from drpo_core.ranking import combine_scores
 from drpo_core.registry import Registry, get_registry
@@ -56,19 +57,6 @@ from drpo_core.sources import (
     read_pairs,
     summarise_skips,
 )
-
-
-def noise_seed(run_seed: int, prompt_index: int, candidate: int) -> int:
-    digest = hashlib.sha256(f"drpo-noise:{run_seed}:{prompt_index}:{candidate}".encode()).digest()
-    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
-
-
-def make_noise(shape: Sequence[int], run_seed: int, prompt_index: int, candidates: range) -> torch.Tensor:
-    """Noise drawn on the CPU, so samples do not depend on the device or the process count."""
-    return torch.stack([
-        torch.randn(tuple(shape), generator=torch.Generator().manual_seed(noise_seed(run_seed, prompt_index, c)))
-        for c in candidates
-    ])
 
 
 @dataclass
@@ -507,23 +495,6 @@ class Trainer:
             "device": str(self.device),
         }
         (self.run_dir / "run.json").write_text(json.dumps(info, indent=2))
-
-
-def split_trainable(trainable: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], list, list]:
-    """A checkpoint's trainable tensors: the generator's weights, the EMA weights (``ema.{i}``) and the
-    remembered correct samples (``memory.{n}``), each list in its saved order."""
-    def numbered(prefix: str) -> list[torch.Tensor]:
-        return [trainable[f"{prefix}.{i}"] for i in range(sum(key.startswith(f"{prefix}.") for key in trainable))]
-
-    weights = {key: value for key, value in trainable.items() if not key.startswith(("ema.", "memory."))}
-    return weights, numbered("ema"), numbered("memory")
-
-
-def assign_parameters(params: Sequence[torch.nn.Parameter], values: Sequence[torch.Tensor]) -> None:
-    """Copy ``values`` into ``params`` in place, in order (EMA weights in, trained weights back)."""
-    with torch.no_grad():
-        for param, value in zip(params, values, strict=True):
-            param.copy_(value)
 
 
 class _Failure(Exception):

@@ -9,8 +9,9 @@ from typer.testing import CliRunner
 from drpo_cli.main import app
 from drpo_core.config import resolve_config
 from drpo_core.metrics import read_metrics
+from drpo_core.noise import sample_noise
 from drpo_core.registry import Registry
-from drpo_core.runs import load_generator, sample_noise
+from drpo_core.runs import load_generator
 from drpo_core.trainer import Trainer
 
 ARCHITECTURES = {"sd": "sd-turbo", "sdxl": "sdxl-turbo"}

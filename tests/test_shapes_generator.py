@@ -126,8 +126,8 @@ def test_shipped_base_draws_every_held_out_prompt_sometimes():
     # the evaluation set of the default run (24 held-out prompts x seeds 0-63): mediocre overall, above zero on
     # every prompt, so DrPO has room to improve and nothing is unlearnable
     from drpo_core.config import resolve_path
+    from drpo_core.noise import sample_noise
     from drpo_core.prompts import load_prompts
-    from drpo_core.runs import sample_noise
     from drpo_shapes import COUNTING_DEFAULTS
     from drpo_shapes.rankers import ShapesCountingRanker
 
