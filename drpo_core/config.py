@@ -1,16 +1,25 @@
 """Run configuration: a typed schema, YAML loading, layered overrides and their origins.
 
-Layers, lowest first: schema defaults < components' recommended settings < YAML file < CLI flags
-< ``--set key=value``. Each component section (``generator``, ``rankers[i]``, ``features``,
-``kernel``) carries ``name`` plus the component's own options, validated by the plugin's model so
-errors name the plugin's keys. Every error is a :class:`ConfigError` with one line naming the key
-(and the file and line when it comes from YAML).
+Layers, lowest first: neutral schema defaults < the chosen components' recommended settings < YAML
+file (or the embedded default recipe) < CLI flags < ``--set key=value``. No schema default names a
+component: the generator, the rankers and the feature space come from the user or, for the feature
+space and kernel, from a component's recommendation.
+
+When recommendations disagree, the more specific one wins (``PRECEDENCE``): a recommendation for a
+pair of components (a feature space's settings for one generator), then the generator's, the feature
+space's, the rankers' in list order, the kernel's. ``ResolvedConfig.conflicts`` lists each
+disagreement and its winner; ``drpo config show`` prints them.
+
+Each component section (``generator``, ``rankers[i]``, ``features``, ``kernel``) carries ``name``
+plus the component's own options, validated once here by the plugin's model, so errors name the
+plugin's keys. A run that cannot work (no prompts for an online source, a feature space whose input
+the generator cannot give, more anchors than candidates, ...) fails here, before any model loads.
+Every error is a :class:`ConfigError` with one line naming the keys and where their values came from.
 """
 
 from __future__ import annotations
 
 import copy
-import difflib
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -20,7 +29,10 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from drpo_core.context import LOCAL_PATH
 from drpo_core.errors import ConfigError, DrpoError
+from drpo_core.registry import ComponentSpec, Registry, get_registry, split_reference
+from drpo_core.validation import describe
 
 
 class _Strict(BaseModel):
@@ -44,8 +56,8 @@ class RankerConfig(ComponentConfig):
 
 class SelectionConfig(_Strict):
     candidates: int = Field(16, ge=2, description="K: candidates sampled per prompt")
-    positives: int = Field(4, ge=1, description="M+: top-ranked candidates used as positive anchors")
-    negatives: int = Field(4, ge=1, description="M-: bottom-ranked candidates used as negative anchors")
+    positives: int = Field(8, ge=1, description="M+: top-ranked candidates used as positive anchors")
+    negatives: int = Field(8, ge=1, description="M-: bottom-ranked candidates used as negative anchors")
     combine: Literal["zscore", "rank"] = "zscore"
     rollout_rounds: int = Field(4, ge=1, description="binary rankers: rounds of K no-grad candidates")
     fresh_anchors: bool = Field(False, description="binary rankers: draw the anchors from extra no-grad "
@@ -55,14 +67,6 @@ class SelectionConfig(_Strict):
     shuffle_scores: bool = Field(False, description="ablation control: permute each prompt's scores at "
                                                     "random, so the ranking carries no information")
 
-    @model_validator(mode="after")
-    def _fits(self) -> SelectionConfig:
-        if self.positives + self.negatives > self.candidates:
-            raise ValueError(
-                f"positives + negatives ({self.positives} + {self.negatives}) exceed candidates "
-                f"({self.candidates})"
-            )
-        return self
 
 
 class DriftConfig(_Strict):
@@ -190,11 +194,10 @@ class LogConfig(_Strict):
 class RunConfig(_Strict):
     seed: int = 0
     output_dir: str = "runs/drpo"
-    generator: ComponentConfig = Field(default_factory=lambda: ComponentConfig(name="shapes"))
-    rankers: list[RankerConfig] = Field(
-        default_factory=lambda: [RankerConfig(name="shapes:counting")], min_length=1
-    )
-    features: ComponentConfig = Field(default_factory=lambda: ComponentConfig(name="shapes"))
+    # no default names a component: the user names them, or a component recommends one (resolve_config)
+    generator: ComponentConfig
+    rankers: list[RankerConfig] = Field(min_length=1)
+    features: ComponentConfig
     kernel: ComponentConfig = Field(default_factory=lambda: ComponentConfig(name="laplacian"))
     selection: SelectionConfig = Field(default_factory=SelectionConfig)
     drift: DriftConfig = Field(default_factory=DriftConfig)
@@ -349,12 +352,37 @@ def _component_name(section: Any) -> str | None:
     return None
 
 
+#: who wins when recommendations disagree, most specific first ("pair" = a recommendation for two components)
+PRECEDENCE = ("pair", "generator", "features", "rankers", "kernel")
+_KIND_OF = {"generator": "generator", "features": "feature", "rankers": "ranker", "kernel": "kernel"}
+
+
+@dataclass(frozen=True)
+class Conflict:
+    """Two recommendations of one key that disagree: ``value`` from ``origin`` won over ``overruled``."""
+
+    key: str
+    value: Any
+    origin: str
+    overruled: tuple[tuple[str, Any], ...]
+
+    def __str__(self) -> str:
+        lost = ", ".join(f"{v!r} from {o}" for o, v in self.overruled)
+        return f"{self.key}: {self.value!r} from {self.origin} (over {lost})"
+
+
 @dataclass
 class ResolvedConfig:
     config: RunConfig
     #: dotted key -> where its value came from ("default", "file.yaml", "--set", "generator sdxl-turbo")
     origins: dict[str, str] = field(default_factory=dict)
     config_dir: Path = field(default_factory=Path.cwd)
+    #: recommendations that disagreed, and who won
+    conflicts: list[Conflict] = field(default_factory=list)
+    #: each component section's options, validated by its plugin ("generator", "rankers.0", "eval.rankers.1")
+    options: dict[str, Any] = field(default_factory=dict)
+    #: section -> the registry entry of its component
+    specs: dict[str, ComponentSpec] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return self.config.model_dump(mode="json")
@@ -362,26 +390,64 @@ class ResolvedConfig:
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
 
+    def portable_yaml(self) -> str:
+        """The config with relative paths made absolute: a recipe that works from any directory
+        (saved as the run's ``config.yaml``)."""
+        data = self.to_dict()
+        for dotted in ("prompts.path", "prompts.eval_path", "source.path"):
+            section, key = dotted.split(".")
+            data[section][key] = self._absolute(data[section][key])
+        for where, spec in self.specs.items():
+            section = _section_data(data, where)
+            fields = getattr(spec.options, "model_fields", {})
+            for key, info in fields.items():
+                if LOCAL_PATH in info.metadata and isinstance(section.get(key), str):
+                    section[key] = self._absolute(section[key], only_existing=True)
+        return yaml.safe_dump(data, sort_keys=False)
+
+    def _absolute(self, path: str | None, only_existing: bool = False) -> str | None:
+        if path is None or path.startswith("pkg://"):
+            return path
+        resolved = resolve_path(path, self.config_dir)
+        if only_existing and not resolved.exists():
+            return path  # a hub id, not a path
+        return str(resolved.resolve())
+
+
+def _section_data(data: dict[str, Any], where: str) -> dict[str, Any]:
+    node: Any = data
+    for part in where.split("."):
+        node = node[int(part)] if isinstance(node, list) else node[part]
+    return node
+
+
+def names_a_component(flags: Mapping[str, Any] | None, assignments: list[str] | None) -> bool:
+    """Whether the command line names a component: then the embedded default recipe does not apply."""
+    if any((flags or {}).get(key) for key in ("generator", "rankers", "features", "kernel")):
+        return True
+    sections = ("generator", "rankers", "features", "kernel")
+    return any(parse_assignment(line)[0].split(".")[0] in sections for line in assignments or [])
+
 
 def resolve_config(
     file: str | Path | None = None,
     *,
     base: Mapping[str, Any] | None = None,
+    base_origin: str = "config",
     flags: Mapping[str, Any] | None = None,
     assignments: list[str] | None = None,
-    registry: Any = None,
+    registry: Registry | None = None,
 ) -> ResolvedConfig:
-    """Build a validated RunConfig from a YAML file (or ``base``), flags and ``--set`` lines."""
-    from drpo_core.registry import get_registry, split_reference
-
+    """Build a validated RunConfig from a YAML file (or ``base``, named ``base_origin`` in messages),
+    flags and ``--set`` lines, under the chosen components' recommendations."""
     registry = registry or get_registry()
     layers: list[tuple[str, dict[str, Any]]] = []
     text = ""
     if file is not None:
-        text = Path(file).read_text() if Path(file).is_file() else ""
+        text = _read_text(Path(file))
         layers.append((str(file), read_yaml(file)))
     elif base is not None:
-        layers.append(("default recipe", copy.deepcopy(dict(base))))
+        layers.append((base_origin, copy.deepcopy(dict(base))))
     user = _deep_merge({}, layers[0][1]) if layers else {}
     for key, value in (flags or {}).items():
         if value is None:
@@ -402,47 +468,86 @@ def resolve_config(
         set_dotted(set_layer, key, value)
     if set_layer:
         layers.append(("--set", set_layer))
-
-    # recommended settings of the chosen components sit under everything the user wrote
-    # a section the user wrote without a name is reported as such below, not as the default component
-    chosen = {key: _component_name(user[key]) if key in user else _default_name(key) for key in COMPONENT_SECTIONS}
-    rankers = user.get("rankers") or [r.model_dump() for r in RunConfig().rankers]
-    rankers = [rankers] if isinstance(rankers, (str, dict)) else rankers
-    recommended: list[tuple[str, dict[str, Any]]] = []
-    picks = [(s, COMPONENT_SECTIONS[s], n) for s, n in chosen.items()]
-    picks += [("rankers", "ranker", _component_name(r)) for r in rankers]
-    for section, kind, reference in picks:
-        if not reference:
-            continue
-        spec = _lookup(registry, kind, reference, section)
-        layer: dict[str, Any] = {}
-        for key, value in spec.recommended(split_reference(reference)[1]).items():
-            set_dotted(layer, key, value)
-        if layer:
-            recommended.append((f"{kind} {reference}", layer))
-
-    merged: dict[str, Any] = {}
     origins: dict[str, str] = {}
-    for origin, layer in [*recommended, ("", user)]:
-        merged = _deep_merge(merged, layer)
-        if origin:
-            origins.update({key: origin for key in _flatten(layer)})
     for origin, layer in layers:
         origins.update({key: origin for key in _flatten(layer)})
 
+    recommended, rec_origins, conflicts, specs = _recommendations(user, origins, registry)
+    merged = _deep_merge(recommended, user)
+    origins = {**rec_origins, **origins}
     config = _validate(merged, text, layers[0][0] if layers else "config", origins)
     config_dir = Path(file).resolve().parent if file is not None else Path.cwd()
-    _validate_components(config, registry, origins)
     for key in _flatten(config.model_dump(mode="json")):
         origins.setdefault(key, "default")
-    return ResolvedConfig(config, origins, config_dir)
+    resolved = ResolvedConfig(config, origins, config_dir, conflicts)
+    _validate_components(resolved, registry)
+    _check_feasible(resolved)
+    return resolved
 
 
-def _default_name(section: str) -> str:
-    return getattr(RunConfig(), section).name
+def _read_text(path: Path) -> str:
+    return path.read_text() if path.is_file() else ""
 
 
-def _lookup(registry: Any, kind: str, reference: str, section: str) -> Any:
+def _recommendations(user: dict[str, Any], origins: dict[str, str], registry: Registry
+                     ) -> tuple[dict[str, Any], dict[str, str], list[Conflict], dict[str, ComponentSpec]]:
+    """The chosen components' recommended settings, merged by ``PRECEDENCE``: (settings as a nested dict,
+    their origins, the conflicts, the specs of the chosen components)."""
+    chosen: dict[str, str] = {}  # section ("generator", "rankers.0", ...) -> name[:variant]
+    for section in ("generator", "features", "kernel"):
+        if section in user:
+            name = _component_name(user[section])
+            if name:  # a section without a name fails validation below, with its file and line
+                chosen[section] = name
+    rankers = user.get("rankers")
+    rankers = [rankers] if isinstance(rankers, (str, dict)) else rankers or []
+    chosen.update({f"rankers.{i}": name for i, name in enumerate(map(_component_name, rankers)) if name})
+    while True:  # a feature space or kernel nobody named may be recommended by another component
+        specs = {where: _lookup(registry, _KIND_OF[where.split(".")[0]], name, where) for where, name in chosen.items()}
+        winners, conflicts = _settle(_proposals(chosen, specs))
+        unnamed = [s for s in ("features", "kernel") if s not in chosen and f"{s}.name" in winners]
+        if not unnamed:
+            break
+        chosen.update({section: winners[f"{section}.name"][1] for section in unnamed})
+    if "kernel" not in chosen:  # the schema's neutral kernel has no recommendations of its own to add
+        chosen["kernel"] = RunConfig.model_fields["kernel"].get_default(call_default_factory=True).name
+        specs["kernel"] = _lookup(registry, "kernel", chosen["kernel"], "kernel")
+    nested: dict[str, Any] = {}
+    for key, (_, value) in winners.items():
+        set_dotted(nested, key, value)
+    return nested, {key: origin for key, (origin, _) in winners.items()}, conflicts, specs
+
+
+def _proposals(chosen: dict[str, str], specs: dict[str, ComponentSpec]) -> list[tuple[str, dict[str, Any]]]:
+    """(origin, {dotted key: value}) of every recommendation, most specific first."""
+    pairs, singles = [], []
+    for where, reference in chosen.items():
+        section, spec = where.split(".")[0], specs[where]
+        label = f"{_KIND_OF[section]} {reference}"
+        for other in chosen.values():
+            paired = spec.recommended_with(split_reference(other)[0])
+            if other != reference and paired:
+                pairs.append((f"{label} with {other}", paired))
+        singles.append((PRECEDENCE.index(section), label, spec.recommended(split_reference(reference)[1])))
+    singles.sort(key=lambda item: item[0])  # stable: rankers keep their list order
+    return [*pairs, *[(label, recs) for _, label, recs in singles]]
+
+
+def _settle(proposals: list[tuple[str, dict[str, Any]]]) -> tuple[dict[str, tuple[str, Any]], list[Conflict]]:
+    """The first proposal of each key wins (proposals come most specific first); disagreements are kept."""
+    winners: dict[str, tuple[str, Any]] = {}
+    overruled: dict[str, list[tuple[str, Any]]] = {}
+    for origin, recs in proposals:
+        for key, value in recs.items():
+            if key not in winners:
+                winners[key] = (origin, value)
+            elif winners[key][1] != value:
+                overruled.setdefault(key, []).append((origin, value))
+    conflicts = [Conflict(key, winners[key][1], winners[key][0], tuple(lost)) for key, lost in overruled.items()]
+    return winners, conflicts
+
+
+def _lookup(registry: Registry, kind: str, reference: str, section: str) -> ComponentSpec:
     try:
         return registry.get(kind, reference)
     except DrpoError as error:
@@ -453,54 +558,82 @@ def _validate(data: dict[str, Any], text: str, source: str, origins: dict[str, s
     try:
         return RunConfig.model_validate(data)
     except ValidationError as error:
-        raise ConfigError(_describe(error, RunConfig, text, source, origins)) from None
+        # what the user wrote wrong comes first; then which component nobody named
+        errors = sorted(error.errors(), key=lambda e: e["type"] == "missing" and len(e["loc"]) == 1)
+        first = errors[0]
+        if first["type"] == "missing" and len(first["loc"]) == 1:
+            raise ConfigError(_none_named(str(first["loc"][0]), data)) from None
+        raise ConfigError(_describe(error, first, text, source, origins)) from None
 
 
-def validate_model(model: type[BaseModel], data: dict[str, Any], where: str) -> BaseModel:
-    """Validate a plugin's options; errors name ``where.key``."""
-    try:
-        return model.model_validate(data)
-    except ValidationError as error:
-        raise ConfigError(_describe(error, model, "", "", {}, prefix=where)) from None
+def _none_named(section: str, data: dict[str, Any]) -> str:
+    if section == "features":
+        return (f"features: none named, and generator {_component_name(data.get('generator'))!r} recommends none: "
+                "give --features NAME (see `drpo list-plugins`)")
+    flag = "--ranker" if section == "rankers" else f"--{section}"
+    return (f"{section}: none named: give {flag} NAME, `{section}:` in a recipe, or run `drpo train` with no "
+            "component flags for the embedded default")
 
 
-def _describe(error: ValidationError, model: type[BaseModel], text: str, source: str,
-              origins: dict[str, str], prefix: str = "") -> str:
-    first = error.errors()[0]
-    loc = [str(part) for part in first["loc"]]
-    dotted = ".".join(([prefix] if prefix else []) + loc)
-    message = first["msg"].removeprefix("Value error, ")
-    if first["type"] == "extra_forbidden":
-        message = "unknown key" + _suggestion(model, loc)
-    elif first["type"] == "missing":
-        message = "required field is missing"
-    elif "input" in first and first["type"] not in ("value_error",):
-        message += f" (got {first['input']!r})"
-    origin = origins.get(".".join(loc), source) if origins else source
-    line = _line_of(text, ".".join(loc)) if text and origin == source else None
+def _describe(error: ValidationError, first: Any, text: str, source: str, origins: dict[str, str]) -> str:
+    loc, message = describe(error, RunConfig, first)
+    dotted = ".".join(loc)
+    origin = origins.get(dotted) or _origin_of_section(origins, dotted) or source
+    line = _line_of(text, dotted) if text and origin == source else None
     where = f"{origin}:{line}: " if line else (f"{origin}: " if origin and origin != "default" else "")
     return f"{where}{dotted}: {message}"
 
 
-def _suggestion(model: type[BaseModel], loc: list[str]) -> str:
-    """``did you mean ...`` for a misspelled key, looking up the model the key sits in."""
-    current: Any = model
-    for part in loc[:-1]:
-        fields = getattr(current, "model_fields", {})
-        if part not in fields:
-            break
-        annotation = fields[part].annotation
-        current = getattr(annotation, "__args__", (annotation,))[0] if not hasattr(
-            annotation, "model_fields") else annotation
-    known = list(getattr(current, "model_fields", {}))
-    close = difflib.get_close_matches(loc[-1], known, n=1, cutoff=0.6)
-    return f" (did you mean {close[0]}?)" if close else ""
+def _origin_of_section(origins: dict[str, str], dotted: str) -> str | None:
+    """The origin of a section's values (for an error about the whole section), when they share one."""
+    found = {origin for key, origin in origins.items() if key.startswith(dotted + ".")}
+    return found.pop() if len(found) == 1 else None
 
 
-def _validate_components(config: RunConfig, registry: Any, origins: dict[str, str]) -> None:
+def validate_model(model: type[BaseModel], data: dict[str, Any], where: str) -> BaseModel:
+    """Validate a plugin's options; errors name ``where.key`` (kept here for plugins that import it)."""
+    from drpo_core.validation import validate_model as validate
+
+    return validate(model, data, where)
+
+
+def _validate_components(resolved: ResolvedConfig, registry: Registry) -> None:
+    """Every component exists and its options are valid: validated once, kept in ``resolved.options``."""
+    config = resolved.config
     sections = [(s, COMPONENT_SECTIONS[s], getattr(config, s)) for s in COMPONENT_SECTIONS]
     sections += [(f"rankers.{i}", "ranker", r) for i, r in enumerate(config.rankers)]
     sections += [(f"eval.rankers.{i}", "ranker", r) for i, r in enumerate(config.eval.rankers)]
     for where, kind, section in sections:
-        _lookup(registry, kind, section.name, where)
-        registry.validate_options(kind, section.name, section.options, where)
+        resolved.specs[where] = _lookup(registry, kind, section.name, where)
+        try:
+            resolved.options[where] = registry.validate_options(kind, section.name, section.options, where)
+        except ConfigError as error:
+            origin = resolved.origins.get(str(error).split(":", 1)[0])
+            raise ConfigError(f"{origin}: {error}" if origin and origin != "default" else str(error)) from None
+
+
+def _check_feasible(resolved: ResolvedConfig) -> None:
+    """Settings that each validate but cannot work together: one line naming the keys and their origins."""
+    cfg, origin = resolved.config, resolved.origins
+
+    def named(*keys: str) -> str:
+        return ", ".join(f"{key} from {origin.get(key, 'default')}" for key in keys)
+
+    sel = cfg.selection
+    if sel.positives + sel.negatives > sel.candidates:
+        raise ConfigError(f"selection: positives + negatives ({sel.positives} + {sel.negatives}) exceed candidates "
+                          f"({sel.candidates}) ({named('selection.positives', 'selection.negatives', 'selection.candidates')})")
+    if cfg.source.kind == "online" and not cfg.prompts.path:
+        raise ConfigError("prompts.path: an online run needs training prompts: set prompts.path in a recipe or "
+                          f"--set prompts.path=FILE ({named('source.kind')})")
+    generator, features = resolved.specs["generator"], resolved.specs["features"]
+    missing = [need for need in features.requires if need not in generator.provides]
+    if missing:
+        raise ConfigError(f"features: {features.name!r} needs {', '.join(missing)} from the generator, which "
+                          f"{generator.name!r} does not give (it gives {', '.join(generator.provides) or 'nothing declared'}) "
+                          f"({named('features.name', 'generator.name')})")
+    binary = {i: "binary" in resolved.specs[f"rankers.{i}"].provides for i in range(len(cfg.rankers))}
+    if len(set(binary.values())) > 1:
+        keys = [f"rankers.{i}.name" for i in binary]
+        raise ConfigError("rankers: binary rankers (0/1 correctness) cannot be mixed with graded ones in one run "
+                          f"({named(*keys)})")

@@ -1,16 +1,30 @@
-"""What a component factory is told about the run it is built for."""
+"""What a component factory is told about the run it is built for, and the ``LocalPath`` option marker."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Annotated
+
+
+class _LocalPathMarker:
+    """Marks an option that may name a file or folder relative to the recipe's folder."""
+
+    def __repr__(self) -> str:
+        return "LocalPath"
+
+
+LOCAL_PATH = _LocalPathMarker()
+#: an option naming a local file or folder (or, where the component allows, a hub id): a relative
+#: path that exists next to the recipe is saved absolute in the run's config, so it can be reused
+LocalPath = Annotated[str, LOCAL_PATH]
 
 
 @dataclass(frozen=True)
 class BuildContext:
     #: the ``name:variant`` suffix the user asked for (``None`` when absent)
     variant: str | None = None
-    #: torch device string the run uses ("cpu", "cuda", "cuda:1")
+    #: torch device string the run uses ("cpu", "cuda", "cuda:1"; the local rank's under accelerate)
     device: str = "cpu"
     #: accelerate's mixed precision: "no", "fp16" or "bf16"
     mixed_precision: str = "no"

@@ -81,7 +81,8 @@ class Evaluator:
         chunks = []
         with torch.no_grad():
             for start in range(0, len(latents), EVAL_BATCH):
-                feats = t.featurise(latents[start:start + EVAL_BATCH].to(t.device))
+                rows = [r.text for r in t.eval_prompts for _ in self.cfg.seeds][start:start + EVAL_BATCH]
+                feats = t.featurise(latents[start:start + EVAL_BATCH].to(t.device), rows)
                 chunks.append(torch.cat([v.flatten(1) for _, v in sorted(feats.items())], dim=1).cpu())
         return torch.cat(chunks)
 

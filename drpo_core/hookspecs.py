@@ -2,49 +2,95 @@
 components::
 
     from drpo_core import hookimpl
+    from drpo_core.hookspecs import Register
+    from drpo_core.interfaces import Kernel
 
     @hookimpl
-    def drpo_register_kernels(register):
+    def drpo_register_kernels(register: Register[Kernel]) -> None:
         register("imq", build_imq, summary="inverse multiquadric")
 
-``register(name, factory, *, options=None, defaults=None, variants=None, aliases=(), summary="")``:
+``register(name, factory, *, options=None, defaults=None, pair_defaults=None, variants=None,
+aliases=(), summary="", provides=(), requires=())``:
 
 * ``factory(options, context)`` builds the component; ``options`` is an instance of the
   ``options`` pydantic model (or ``{}`` when there is none), ``context`` a
-  :class:`drpo_core.registry.BuildContext` (variant, device, dtype, seed). Import heavy libraries
-  inside the factory, never at module level, so ``drpo --help`` stays fast.
-* ``options``: a pydantic model class (``extra="forbid"``) declaring the component's own keys.
+  :class:`drpo_core.context.BuildContext` (variant, device, mixed precision, seed, config folder).
+  Import heavy libraries inside the factory, never at module level, so ``drpo --help`` stays fast.
+* ``options``: a pydantic model class (``extra="forbid"``) declaring the component's own keys;
+  annotate file and folder options with :data:`drpo_core.context.LocalPath` so a run's saved config
+  holds them resolved.
 * ``defaults``: recommended run settings as ``{"dotted.key": value}`` (or a function of the
   variant returning one), merged under the user's config and shown with their origin.
+* ``pair_defaults``: ``{other component name: {"dotted.key": value}}``, settings recommended only
+  when the run also uses that component (a feature space's anchor weights for one generator).
 * ``variants``: the allowed ``name:variant`` suffixes (``None``: no variant).
+* ``provides`` / ``requires``: capabilities checked when a run is resolved, before anything loads.
+  A generator provides what it can hand on (``"latents"``, ``"images"``, a model family); a feature
+  space requires them; a ranker provides ``"binary"`` when its scores are 0/1 correctness.
+
+When two recommendations disagree, the more specific wins: pair recommendations, then the generator,
+the feature space, the rankers in list order, the kernel (``drpo config show`` lists each conflict).
 """
 
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any, Protocol, TypeVar
+
 import pluggy
+
+from drpo_core.context import BuildContext
 
 hookspec = pluggy.HookspecMarker("drpo")
 hookimpl = pluggy.HookimplMarker("drpo")
 
+T_co = TypeVar("T_co", covariant=True)
+Component = TypeVar("Component")
+
+#: ``factory(options, context) -> component``
+Factory = Callable[[Any, BuildContext], Component]
+Recommendations = Mapping[str, Any]
+
+
+class Register(Protocol[T_co]):
+    """The ``register`` callback a hook receives; ``T_co`` is the kind of component it builds."""
+
+    def __call__(
+        self,
+        name: str,
+        factory: Callable[[Any, BuildContext], T_co],
+        *,
+        options: type | None = None,
+        defaults: Recommendations | Callable[[str | None], Recommendations] | None = None,
+        pair_defaults: Mapping[str, Recommendations] | None = None,
+        variants: Iterable[str] | None = None,
+        aliases: Iterable[str] = (),
+        summary: str = "",
+        provides: Iterable[str] = (),
+        requires: Iterable[str] = (),
+    ) -> None: ...
+
 
 @hookspec
-def drpo_register_generators(register):
-    """Register one-step generators."""
+def drpo_register_generators(register: Register[Any]) -> None:
+    """Register one-step generators (``drpo_core.interfaces.Generator``)."""
 
 
 @hookspec
-def drpo_register_rankers(register):
-    """Register rankers (rewards used only for their order)."""
+def drpo_register_rankers(register: Register[Any]) -> None:
+    """Register rankers (``Ranker``: rewards used only for their order)."""
 
 
 @hookspec
-def drpo_register_features(register):
-    """Register frozen feature spaces."""
+def drpo_register_features(register: Register[Any]) -> None:
+    """Register frozen feature spaces (``FeatureSpace``)."""
 
 
 @hookspec
-def drpo_register_kernels(register):
-    """Register drift kernels."""
+def drpo_register_kernels(register: Register[Any]) -> None:
+    """Register drift kernels (``Kernel``)."""
 
 
 @hookspec
-def drpo_register_commands(cli):
-    """Add Typer commands or sub-apps to the ``drpo`` command line."""
+def drpo_register_commands(cli: Any) -> None:
+    """Add Typer commands or sub-apps (``cli`` is the ``drpo`` Typer app)."""

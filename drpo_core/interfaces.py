@@ -1,43 +1,58 @@
-"""The typed interfaces every drpo component implements (API version 1, frozen).
+"""The typed interfaces every drpo component implements (API version 2).
+
+A plugin author learns the whole contract from this module and :mod:`drpo_core.hookspecs`.
 
 Conventions shared by all components:
 
 * **Images** handed to rankers and pixel feature spaces are float tensors ``(B, 3, H, W)`` with
-  values in ``[0, 1]`` (RGB). ``drpo_core.images.to_pil`` converts them for rankers that want PIL.
+  values in ``[0, 1]`` (RGB). A ranker that wants PIL images converts them itself.
 * **Latents** are the generator's own sample space, the tensor its one-step network produces and
   regresses on. For Stable Diffusion generators this is the *scaled* latent (what the UNet sees,
   i.e. ``vae.encode(x).latent_dist.mode() * scaling_factor``); ``decode`` divides by the factor.
   For the toy world the latent *is* the image.
-* **Noise** is drawn by the training loop on the CPU from a generator keyed by
-  (run seed, global prompt index, candidate) with shape ``Generator.noise_shape``, then moved to
+* **Noise** is drawn by the training loop on the CPU (``drpo_core.noise``) from a generator keyed
+  by (run seed, global prompt index, candidate) with shape ``Generator.noise_shape``, then moved to
   the generator's device. A generator never draws its own sampling noise, so samples do not
   depend on the device or the number of processes.
 * **Particles**: a feature space returns ``{key: (B, T, D)}``: T vectors ("particles") of
   dimension D per input. The drift field pools the particles of the K candidates of one prompt.
+
+Version 2 (this one) gave feature spaces a :class:`FeatureContext`, generators their ``module``,
+and declared what the loop used by duck typing before (``Ranker.groups``, ``Generator.export``).
+A component whose ``api_version`` differs is refused when it is built.
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, Literal, Protocol, runtime_checkable
 
 if TYPE_CHECKING:
     import torch
 
-API_VERSION = 1
+API_VERSION = 2
 
 
 class Generator(ABC):
     """A one-step text-conditioned generator ``x = G_theta(noise, prompt)``."""
 
     api_version: ClassVar[int] = API_VERSION
+    #: formats ``export`` writes (``drpo export --format``); empty: the generator cannot be exported
+    export_formats: ClassVar[tuple[str, ...]] = ()
     #: shape of one noise sample, without the batch dimension
     noise_shape: tuple[int, ...]
 
     @property
     @abstractmethod
     def device(self) -> torch.device: ...
+
+    @property
+    @abstractmethod
+    def module(self) -> torch.nn.Module:
+        """The module that holds the trainable parameters: what distributed training wraps (DDP/FSDP)."""
 
     @abstractmethod
     def trainable_parameters(self) -> list[torch.nn.Parameter]:
@@ -57,7 +72,7 @@ class Generator(ABC):
 
     @abstractmethod
     def encode(self, images: torch.Tensor) -> torch.Tensor:
-        """Latents of images in [0, 1] (used by the offline drift source), without grad."""
+        """Latents of images in [0, 1] (used by the offline and data drift sources), without grad."""
 
     @abstractmethod
     def trainable_state_dict(self) -> dict[str, torch.Tensor]:
@@ -74,14 +89,25 @@ class Generator(ABC):
         """Trade compute for memory; generators without it may ignore it."""
         return None
 
+    def export(self, out_dir: Path, format: str, fuse: bool = False,
+               card: Mapping[str, Any] | None = None) -> Path:
+        """Write the trained generator for use outside drpo in one of ``export_formats``."""
+        raise NotImplementedError(f"{type(self).__name__} has no export formats")
+
 
 class Ranker(ABC):
-    """A black-box reward. Only the order of scores within a prompt's group is used."""
+    """A black-box reward. Only the order of scores within a prompt's group is used.
+
+    ``score`` is called under ``torch.no_grad()``. Scores may be any float dtype; the loop keeps
+    them in float64 until the order is taken, so compute the final logits in float32 or better
+    even on a bf16 backbone (in bf16, PickScore x100 near 22 moves in steps of 0.125: ties everywhere).
+    """
 
     api_version: ClassVar[int] = API_VERSION
-    #: scores are 0/1 correctness (GenEval style): the loop uses the binary rollout
+    #: scores are 0/1 correctness (GenEval style): the loop uses the binary rollout. Declare it at
+    #: registration too (``provides=("binary",)``), so a run is checked before anything loads.
     binary: ClassVar[bool] = False
-    #: the score can be back-propagated (for gradient baselines; DrPO never does)
+    #: the score can be back-propagated: read by gradient baselines such as DRaFT (DrPO never does)
     differentiable: ClassVar[bool] = False
 
     @abstractmethod
@@ -91,18 +117,36 @@ class Ranker(ABC):
         prompts: Sequence[str],
         metadata: Sequence[Mapping[str, Any] | None],
     ) -> torch.Tensor:
-        """One float per image, shape ``(B,)``; called under ``torch.no_grad()``."""
+        """One float per image, shape ``(B,)``."""
+
+    def groups(self, record: Any) -> list[str]:
+        """Groups a held-out prompt record belongs to (``count=3``, ``shape=bar``): evaluation reports
+        the score per group too. None by default."""
+        return []
+
+
+@dataclass(frozen=True)
+class FeatureContext:
+    """What the loop knows about the rows of a batch handed to ``FeatureSpace.features``."""
+
+    #: the prompt of each row
+    prompts: Sequence[str]
+    #: the noise each row was generated from, ``(B, *noise_shape)``; None for rows that were not
+    #: generated (offline or real images, remembered samples)
+    noise: torch.Tensor | None
+    #: the run's generator: feature spaces built on the frozen base (teacher-UNet) use its ``reference``
+    generator: Generator
 
 
 class FeatureSpace(ABC):
-    """A frozen feature map phi; differentiable with respect to its input."""
+    """A frozen feature map phi; differentiable with respect to its input, no trainable weights."""
 
     api_version: ClassVar[int] = API_VERSION
     #: what ``features`` takes: the generator's latents or decoded images in [0, 1]
     input: ClassVar[Literal["latents", "images"]] = "latents"
 
     @abstractmethod
-    def features(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+    def features(self, x: torch.Tensor, context: FeatureContext) -> dict[str, torch.Tensor]:
         """``{key: (B, T, D)}`` particle sets for a batch of B latents or images."""
 
     def to(self, device: torch.device | str) -> FeatureSpace:

@@ -4,9 +4,11 @@ Discovery goes through ``importlib.metadata`` rather than pluggy's
 ``load_setuptools_entrypoints`` because we want three things pluggy does not give:
 
 * a plugin whose import raises is listed as *broken* while every other plugin keeps working;
-* two components registered under one name fail with a message naming both distributions;
-* ``DRPO_LOAD_PLUGINS`` / ``DRPO_DISABLE_PLUGINS`` filter by *distribution* name (built-in plugins,
-  which come from the ``drpo`` distribution, are filtered by their entry-point name).
+* two components registered under one name are listed as a clash; only a run that uses the name
+  fails, with a message naming both distributions;
+* ``DRPO_LOAD_PLUGINS`` / ``DRPO_DISABLE_PLUGINS`` filter by the names ``drpo list-plugins`` shows: a
+  plugin's name or its distribution's (built-ins come from the ``drpo`` distribution and are filtered
+  by plugin name only). A name that matches nothing is warned about.
 
 pluggy still holds the hook specifications and validates every plugin's hooks (``check_pending``).
 """
@@ -15,6 +17,7 @@ from __future__ import annotations
 
 import difflib
 import os
+import warnings
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from importlib.metadata import entry_points
@@ -26,6 +29,8 @@ import pluggy
 from drpo_core import hookspecs
 from drpo_core.context import BuildContext
 from drpo_core.errors import ConfigError, PluginError
+from drpo_core.interfaces import API_VERSION
+from drpo_core.validation import validate_model
 
 ENTRY_POINT_GROUP = "drpo"
 BUILTIN_DISTRIBUTION = "drpo"
@@ -48,6 +53,8 @@ class PluginInfo:
     state: str = "loaded"  # loaded | broken | disabled
     error: str | None = None
     components: list[tuple[str, str]] = field(default_factory=list)
+    #: "kind name" -> the one-line summary it registered with
+    summaries: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass
@@ -58,15 +65,22 @@ class ComponentSpec:
     plugin: PluginInfo
     options: type | None = None
     defaults: Mapping[str, Any] | Callable[[str | None], Mapping[str, Any]] | None = None
+    pair_defaults: Mapping[str, Mapping[str, Any]] | None = None
     variants: tuple[str, ...] | None = None
     aliases: tuple[str, ...] = ()
     summary: str = ""
+    provides: tuple[str, ...] = ()
+    requires: tuple[str, ...] = ()
 
     def recommended(self, variant: str | None) -> dict[str, Any]:
         """The component's recommended run settings for a variant, as ``{"dotted.key": value}``."""
         if self.defaults is None:
             return {}
         return dict(self.defaults(variant) if callable(self.defaults) else self.defaults)
+
+    def recommended_with(self, other: str) -> dict[str, Any]:
+        """Settings recommended only when the run also uses the component named ``other``."""
+        return dict((self.pair_defaults or {}).get(other, {}))
 
 
 def split_reference(reference: str) -> tuple[str, str | None]:
@@ -92,6 +106,8 @@ class Registry:
         self._components: dict[str, dict[str, ComponentSpec]] = {kind: {} for kind in KINDS}
         self._aliases: dict[str, dict[str, str]] = {kind: {} for kind in KINDS}
         self._info_by_plugin: dict[int, PluginInfo] = {}
+        #: (kind, name) -> every spec that claimed it, the first one included
+        self.clashes: dict[tuple[str, str], list[ComponentSpec]] = {}
 
     # -- loading -----------------------------------------------------------------------------
 
@@ -99,14 +115,16 @@ class Registry:
         """Load the plugins installed in the environment, honouring the env filters."""
         only = _env_list("DRPO_LOAD_PLUGINS")
         disabled = _env_list("DRPO_DISABLE_PLUGINS") or set()
+        seen: set[str] = set()
         for ep in sorted(entry_points(group=ENTRY_POINT_GROUP), key=lambda e: (e.dist is None, e.name)):
             dist = ep.dist.metadata["Name"] if ep.dist else "unknown"
             version = ep.dist.version if ep.dist else ""
             builtin = dist == BUILTIN_DISTRIBUTION
             info = PluginInfo(ep.name, ep.value, dist, version, builtin)
-            # built-ins are addressed by entry-point name, third parties by distribution name
-            key = ep.name if builtin else dist
-            if key in disabled or (not builtin and only is not None and dist not in only):
+            # built-ins by plugin name; third parties by plugin or distribution name
+            names = {ep.name} if builtin else {ep.name, dist}
+            seen |= names
+            if names & disabled or (not builtin and only is not None and not names & only):
                 info.state = "disabled"
                 self.plugins.append(info)
                 continue
@@ -116,6 +134,11 @@ class Registry:
                 self._mark_broken(info, error)
                 continue
             self.register_module(module, info)
+        for variable, names in (("DRPO_LOAD_PLUGINS", only or set()), ("DRPO_DISABLE_PLUGINS", disabled)):
+            unknown = sorted(names - seen)
+            if unknown:
+                warnings.warn(f"{variable} names {', '.join(unknown)}, which match no installed plugin "
+                              "(see `drpo list-plugins`)", stacklevel=2)
         return self
 
     def register_module(self, module: ModuleType | object, info: PluginInfo | None = None) -> PluginInfo:
@@ -147,32 +170,48 @@ class Registry:
 
         try:
             hook(register=register)
-        except PluginError:
-            raise  # a name clash is the user's to fix, not a broken plugin
         except Exception as error:
             self._mark_broken(info, error, append=False)
 
     def _add(self, spec: ComponentSpec) -> None:
-        table = self._components[spec.kind]
-        for name in (spec.name, *spec.aliases):
-            existing = table.get(name) or table.get(self._aliases[spec.kind].get(name, ""))
-            if existing is not None:
-                raise PluginError(
-                    f"{spec.kind} {name!r} is registered twice: by {existing.plugin.distribution} "
-                    f"({existing.plugin.name}) and by {spec.plugin.distribution} ({spec.plugin.name}); "
-                    "uninstall or disable one of them (DRPO_DISABLE_PLUGINS)"
-                )
+        """Add a component; a name (or alias) taken already is recorded as a clash, not an error, so
+        only a run that uses that name fails."""
+        table, aliases = self._components[spec.kind], self._aliases[spec.kind]
+
+        def owner(name: str) -> ComponentSpec | None:
+            return table.get(name) or table.get(aliases.get(name, ""))
+
+        self._record(spec)
+        existing = owner(spec.name)
+        if existing is not None:
+            self.clashes.setdefault((spec.kind, spec.name), [existing]).append(spec)
+            return
         table[spec.name] = spec
         for alias in spec.aliases:
-            self._aliases[spec.kind][alias] = spec.name
+            existing = owner(alias)
+            if existing is not None:
+                self.clashes.setdefault((spec.kind, alias), [existing]).append(spec)
+            else:
+                aliases[alias] = spec.name
+
+    @staticmethod
+    def _record(spec: ComponentSpec) -> None:
         spec.plugin.components.append((spec.kind, spec.name))
+        spec.plugin.summaries[f"{spec.kind} {spec.name}"] = spec.summary
 
     def _mark_broken(self, info: PluginInfo, error: BaseException, append: bool = True) -> None:
         info.state = "broken"
         info.error = f"{type(error).__name__}: {error}".splitlines()[0]
-        # drop whatever the plugin managed to register before failing
+        # drop whatever the plugin managed to register before failing (not another plugin's clashing one)
         for kind, name in info.components:
-            self._components[kind].pop(name, None)
+            if getattr(self._components[kind].get(name), "plugin", None) is info:
+                del self._components[kind][name]
+        for key, specs in list(self.clashes.items()):
+            specs[:] = [spec for spec in specs if spec.plugin is not info]
+            if len(specs) < 2:
+                del self.clashes[key]
+                if specs and key[1] not in self._components[key[0]]:
+                    self._components[key[0]][key[1]] = specs[0]
         info.components.clear()
         if append:
             self.plugins.append(info)
@@ -188,15 +227,19 @@ class Registry:
     def get(self, kind: str, reference: str) -> ComponentSpec:
         """The spec for ``name`` or ``name:variant``; unknown names get the closest matches."""
         name, variant = split_reference(reference)
+        clash = self.clashes.get((kind, name)) or self.clashes.get((kind, self._aliases[kind].get(name, name)))
         name = self._aliases[kind].get(name, name)
+        if clash:
+            owners = " and by ".join(f"{s.plugin.distribution} ({s.plugin.name})" for s in clash)
+            raise PluginError(f"{kind} {name!r} is registered twice: by {owners}; uninstall or disable "
+                              "one of them (DRPO_DISABLE_PLUGINS)")
         spec = self._components[kind].get(name)
         if spec is None:
             known = self.names(kind) + sorted(self._aliases[kind])
             close = difflib.get_close_matches(name, known, n=3, cutoff=0.5)
             hint = f"did you mean {', '.join(close)}? " if close else ""
-            raise PluginError(
-                f"unknown {kind} {name!r}: {hint}run `drpo list-plugins` to see the installed ones"
-            )
+            raise PluginError(f"unknown {kind} {name!r}: {hint}run `drpo list-plugins` to see the installed ones"
+                              + self._unloaded_hint())
         if variant is not None and spec.variants is not None and variant not in spec.variants:
             raise PluginError(
                 f"unknown variant {variant!r} of {kind} {name!r}: choose one of {', '.join(spec.variants)}"
@@ -205,10 +248,14 @@ class Registry:
             raise PluginError(f"{kind} {name!r} takes no variant (got {reference!r})")
         return spec
 
+    def _unloaded_hint(self) -> str:
+        """Plugins that might provide an unknown name: their components are unknown until they load."""
+        unloaded = [f"{p.name} ({'disabled' if p.state == 'disabled' else 'broken: ' + str(p.error)})"
+                    for p in self.plugins if p.state != "loaded"]
+        return f"; not loaded, and may provide it: {', '.join(unloaded)}" if unloaded else ""
+
     def validate_options(self, kind: str, reference: str, options: Mapping[str, Any], where: str) -> Any:
         """Validate a component's own options with its pydantic model; errors name ``where.key``."""
-        from drpo_core.config import validate_model  # config imports the registry lazily too
-
         spec = self.get(kind, reference)
         if spec.options is None:
             if options:
@@ -218,20 +265,25 @@ class Registry:
             return {}
         return validate_model(spec.options, dict(options), where)
 
-    def build(self, kind: str, reference: str, options: Mapping[str, Any], context: BuildContext,
+    def build(self, kind: str, reference: str, options: Any, context: BuildContext,
               where: str | None = None) -> Any:
+        """Build a component. ``options`` are the validated options (what ``resolve_config`` keeps),
+        or a raw mapping, validated here."""
         spec = self.get(kind, reference)
-        validated = self.validate_options(kind, reference, options, where or kind)
+        if spec.options is None or not isinstance(options, spec.options):
+            options = self.validate_options(kind, reference, options, where or kind)
         _, variant = split_reference(reference)
         context = BuildContext(**{**context.__dict__, "variant": variant})
         try:
-            return spec.factory(validated, context)
+            component = spec.factory(options, context)
         except (PluginError, ConfigError):
             raise
         except ImportError as error:
             raise PluginError(
                 f"{kind} {spec.name!r} from {spec.plugin.distribution} needs a missing package: {error}"
             ) from error
+        _check_built(spec, component)
+        return component
 
     def add_commands(self, cli: Any) -> None:
         """Let every loaded plugin add its commands to the Typer app, recording their names."""
@@ -251,14 +303,27 @@ def _command_names(cli: Any) -> set[str]:
     return commands | {group.name for group in cli.registered_groups}
 
 
+def _check_built(spec: ComponentSpec, component: Any) -> None:
+    """What a factory returned speaks this drpo's API and matches what its registration declared."""
+    where = f"{spec.kind} {spec.name!r} from {spec.plugin.distribution}"
+    version = getattr(component, "api_version", API_VERSION)  # kernels are plain functions
+    if version != API_VERSION:
+        raise PluginError(f"{where} implements drpo API version {version}, this drpo speaks version "
+                          f"{API_VERSION}: install a release of the plugin made for it")
+    if spec.kind == "ranker" and bool(getattr(component, "binary", False)) != ("binary" in spec.provides):
+        raise PluginError(f"{where}: its scores are {'binary' if component.binary else 'graded'} but its "
+                          "registration says otherwise (provides=('binary',) declares 0/1 scores)")
+
+
 def _normalise(details: dict[str, Any]) -> dict[str, Any]:
-    allowed = {"options", "defaults", "variants", "aliases", "summary"}
+    allowed = {"options", "defaults", "pair_defaults", "variants", "aliases", "summary", "provides", "requires"}
     unknown = set(details) - allowed
     if unknown:
         raise TypeError(f"register() got unexpected keyword(s): {', '.join(sorted(unknown))}")
     if details.get("variants") is not None:
         details["variants"] = tuple(details["variants"])
-    details["aliases"] = tuple(details.get("aliases", ()))
+    for key in ("aliases", "provides", "requires"):
+        details[key] = tuple(details.get(key, ()))
     return details
 
 

@@ -12,9 +12,9 @@ import torch
 from PIL import Image
 
 from drpo_core.checkpoint import assign_parameters, load_checkpoint, resolve_checkpoint, split_trainable
-from drpo_core.config import ResolvedConfig, read_yaml, resolve_config
+from drpo_core.config import ResolvedConfig, parse_assignment, read_yaml, resolve_config
 from drpo_core.context import BuildContext
-from drpo_core.errors import DrpoError
+from drpo_core.errors import ConfigError, DrpoError
 from drpo_core.noise import sample_noise
 from drpo_core.prompts import PromptRecord
 from drpo_core.registry import get_registry
@@ -31,13 +31,13 @@ def load_generator(run_dir: str | Path | None = None, config: ResolvedConfig | N
     if run_dir is not None:
         run_dir = Path(run_dir)
         path = resolve_checkpoint(run_dir, checkpoint)
-        config = resolve_config(base=read_yaml(path / "config.yaml"))
+        config = resolve_config(base=read_yaml(path / "config.yaml"), base_origin=str(path / "config.yaml"))
     if config is None:
         raise DrpoError("give a run directory (--run) or a generator (--generator)")
     cfg = config.config
     context = BuildContext(device=device, mixed_precision=cfg.train.mixed_precision, seed=cfg.seed,
                            config_dir=config.config_dir)
-    generator = registry.build("generator", cfg.generator.name, cfg.generator.options, context, "generator")
+    generator = registry.build("generator", cfg.generator.name, config.options["generator"], context, "generator")
     if run_dir is not None:
         weights, ema, _ = split_trainable(load_checkpoint(path).trainable)
         generator.load_trainable_state_dict(weights)
@@ -87,3 +87,70 @@ def score_manifest(manifest: Path, rankers: Sequence[tuple[str, Any]], batch_siz
         for i, row in enumerate(rows):
             handle.write(json.dumps({"file": row["file"], **{n: s[i] for n, s in scores.items()}}) + "\n")
     return {name: float(np.mean(values)) for name, values in scores.items()}
+
+
+#: settings ``--resume`` may change: a finished run continues for more steps
+RESUME_EXTENSIONS = ("train.steps",)
+
+
+def run_in(run_dir: Path) -> str | None:
+    """What of a run ``run_dir`` already holds ("3 checkpoints, metrics.jsonl"), or None for a fresh folder."""
+    found = [name for name in ("config.yaml", "run.json", "metrics.jsonl", "checkpoints") if (run_dir / name).exists()]
+    return ", ".join(found) or None
+
+
+def check_new_run_dir(run_dir: Path) -> None:
+    """A fresh run must not write into another run's folder: refuse before writing anything."""
+    if run_dir.exists() and not run_dir.is_dir():
+        raise DrpoError(f"output directory {run_dir} is a file")
+    held = run_in(run_dir) if run_dir.is_dir() else None
+    if held:
+        raise DrpoError(f"{run_dir} already holds a run ({held}): continue it with `drpo train --resume latest "
+                        f"--output-dir {run_dir}` (add --set train.steps=N to run longer), or choose another --output-dir")
+
+
+def resume_config(resume: str, output_dir: str | None, assignments: list[str],
+                  changes: dict[str, Any]) -> tuple[ResolvedConfig, str, list[str]]:
+    """The saved config of the run ``resume`` names, and the checkpoint to resume from.
+
+    ``resume`` is ``latest`` (with ``output_dir``), a run directory or a checkpoint directory. Flags that
+    would change the run (``changes``: flag -> value) are refused; ``--set`` may only extend
+    ``RESUME_EXTENSIONS``. Returns (config, checkpoint, notes for the user).
+    """
+    given = [flag for flag, value in changes.items() if value]
+    if given:
+        raise ConfigError(f"--resume continues a run as its config.yaml says; {', '.join(given)} would change it: "
+                          "start a new run (another --output-dir) instead")
+    run_dir, checkpoint = _locate(resume, output_dir)
+    saved = run_dir / "config.yaml"
+    if not saved.is_file():
+        raise DrpoError(f"{run_dir} holds no config.yaml: it is not a drpo run directory")
+    base = read_yaml(saved)
+    notes = []
+    for line in assignments:
+        key, value = parse_assignment(line)
+        if key not in RESUME_EXTENSIONS:
+            raise ConfigError(f"--set {key}: --resume accepts only --set train.steps=N (to run longer); other "
+                              "changes belong to a new run")
+        notes.append(f"extending the run: {key} {base.get('train', {}).get('steps')} -> {value} (--set)")
+    resolved = resolve_config(base=base, base_origin=str(saved), flags={"output_dir": str(run_dir)},
+                              assignments=assignments)
+    return resolved, checkpoint, notes
+
+
+def _locate(resume: str, output_dir: str | None) -> tuple[Path, str]:
+    """(run directory, checkpoint to resume) for ``--resume``."""
+    if resume == "latest":
+        if not output_dir:
+            raise ConfigError("--resume latest needs the run: add --output-dir RUN")
+        return Path(output_dir), "latest"
+    path = Path(resume)
+    if (path / "state.json").is_file():  # a checkpoint directory: RUN/checkpoints/step-N
+        run_dir, checkpoint = path.parent.parent, str(path)
+    elif path.is_dir():
+        run_dir, checkpoint = path, "latest"
+    else:
+        raise DrpoError(f"--resume {resume}: not a run or checkpoint directory")
+    if output_dir and Path(output_dir).resolve() != run_dir.resolve():
+        raise ConfigError(f"--resume {resume} belongs to {run_dir}, not to --output-dir {output_dir}")
+    return run_dir, checkpoint

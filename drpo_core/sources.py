@@ -59,7 +59,29 @@ class Candidates(Protocol):
 
     def score(self, latents: torch.Tensor, records: Sequence[Any]) -> tuple[torch.Tensor, torch.Tensor]: ...
     def rollout(self, prompts: list[int], round_index: int) -> torch.Tensor: ...
-    def featurise(self, latents: torch.Tensor) -> Features: ...
+    def featurise(self, latents: torch.Tensor, prompts: Sequence[str]) -> Features: ...
+
+
+class DriftSource(Protocol):
+    """Where a micro-batch's anchors come from; its state (if any) travels in checkpoints."""
+
+    def anchors(self, batch: Candidates, k: int) -> Anchors: ...
+
+    def checkpoint_state(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        """Tensors and JSON-able values to checkpoint, so a resumed run continues exactly."""
+        ...
+
+    def load_checkpoint_state(self, tensors: dict[str, torch.Tensor], values: dict[str, Any]) -> None: ...
+
+
+class _Stateless:
+    """A source that keeps nothing between steps."""
+
+    def checkpoint_state(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        return {}, {}
+
+    def load_checkpoint_state(self, tensors: dict[str, torch.Tensor], values: dict[str, Any]) -> None:
+        return None
 
 
 def gather(features: Features, index: torch.Tensor, k: int) -> Features:
@@ -135,8 +157,9 @@ class OnlineSource:
             chosen_pos.append(pool[pos[0]])
             chosen_neg.append(pool[neg[0]])
         if keep.any():
-            positives = _per_prompt(batch.featurise(torch.cat(chosen_pos)), self.positives)
-            negatives = _per_prompt(batch.featurise(torch.cat(chosen_neg)), self.negatives)
+            kept = [batch.records[b].text for b in keep.nonzero().flatten().tolist()]
+            positives = _per_prompt(batch.featurise(torch.cat(chosen_pos), _each(kept, self.positives)), self.positives)
+            negatives = _per_prompt(batch.featurise(torch.cat(chosen_neg), _each(kept, self.negatives)), self.negatives)
         anchors = Anchors(_scatter(positives, keep), _scatter(negatives, keep), keep, skips)
         anchors.stats = {"accuracy": float(scores[ok].float().mean()) if ok.any() else float("nan")}
         return anchors
@@ -154,11 +177,25 @@ class OnlineSource:
             merged = fresh if remembered is None else torch.cat([remembered, fresh])
             self.memory[prompt] = merged[-self.memory_size:]
 
+    def checkpoint_state(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        """The remembered samples as ``memory.{n}`` tensors, and their prompts in the same order."""
+        return ({f"memory.{n}": t for n, t in enumerate(self.memory.values())},
+                {"memory_prompts": list(self.memory)})
+
+    def load_checkpoint_state(self, tensors: dict[str, torch.Tensor], values: dict[str, Any]) -> None:
+        prompts = values.get("memory_prompts", [])
+        self.memory = {prompt: tensors[f"memory.{n}"] for n, prompt in enumerate(prompts)}
+
     def _enough(self, scores: list[torch.Tensor]) -> bool:
         if not scores:
             return False
         correct = int((torch.stack(scores) >= 0.5).sum())
         return correct >= self.positives and len(scores) - correct >= self.negatives
+
+
+def _each(prompts: Sequence[str], m: int) -> list[str]:
+    """Each prompt repeated m times: the prompts of m anchor rows per prompt."""
+    return [p for p in prompts for _ in range(m)]
 
 
 def _per_prompt(features: Features, m: int) -> Features:
@@ -217,7 +254,7 @@ def read_pairs(path: str | Path) -> dict[str, dict[str, list[Path]]]:
     return pairs
 
 
-class OfflineSource:
+class OfflineSource(_Stateless):
     """Static chosen/rejected images as anchors (method.md §9); one prompt per micro-batch row."""
 
     def __init__(self, pairs: dict[str, dict[str, list[Path]]], encode: Callable[[torch.Tensor], torch.Tensor],
@@ -240,8 +277,10 @@ class OfflineSource:
         entry = self.pairs.get(batch.records[0].text)
         if entry is None:
             raise DrpoError(f"offline source: no pairs for prompt {batch.records[0].text!r}")
-        positives = _per_prompt(batch.featurise(self._latents(entry["chosen"])), len(entry["chosen"]))
-        negatives = _per_prompt(batch.featurise(self._latents(entry["rejected"])), len(entry["rejected"]))
+        prompt = batch.records[0].text
+        chosen, rejected = entry["chosen"], entry["rejected"]
+        positives = _per_prompt(batch.featurise(self._latents(chosen), [prompt] * len(chosen)), len(chosen))
+        negatives = _per_prompt(batch.featurise(self._latents(rejected), [prompt] * len(rejected)), len(rejected))
         return Anchors(positives, negatives, torch.ones(1, dtype=torch.bool))
 
 
@@ -276,7 +315,7 @@ class ImageFolderSampler:
         return torch.stack([load_image(paths[i], self.image_size) for i in pick.tolist()])
 
 
-class DataSource:
+class DataSource(_Stateless):
     def __init__(self, sampler: DataSampler, encode: Callable[[torch.Tensor], torch.Tensor], positives: int,
                  seed: int):
         self.sampler, self.encode, self.positives, self.seed = sampler, encode, positives, seed
@@ -285,7 +324,8 @@ class DataSource:
         real = [self.sampler.sample(r, self.positives, selection_seed(self.seed, batch.step, i, 0))
                 for r, i in zip(batch.records, batch.indices, strict=True)]
         latents = self.encode(torch.cat(real).to(batch.latents.device))
-        positives = _per_prompt(batch.featurise(latents), self.positives)
+        positives = _per_prompt(batch.featurise(latents, _each([r.text for r in batch.records], self.positives)),
+                                self.positives)
         empty = {key: value[:, :0] for key, value in positives.items()}
         return Anchors(positives, empty, torch.ones(len(batch.records), dtype=torch.bool))
 

@@ -57,6 +57,10 @@ class TinyGenerator(Generator):
     def device(self) -> torch.device:
         return next(self.net.parameters()).device
 
+    @property
+    def module(self) -> torch.nn.Module:
+        return self.net
+
     def _slots(self, prompts: Sequence[str]) -> torch.Tensor:
         return torch.tensor([_slot(p) for p in prompts], device=self.device)
 
@@ -107,7 +111,7 @@ class PixelFeatures(FeatureSpace):
 
     input = "latents"
 
-    def features(self, x):
+    def features(self, x, context):
         pooled = torch.nn.functional.avg_pool2d(x.float(), 2)
         return {"mean": x.float().mean(dim=(2, 3))[:, None, :], "cells": pooled.flatten(2).transpose(1, 2)}
 
@@ -128,7 +132,7 @@ class _FakesPlugin:
     @hookimpl
     def drpo_register_generators(self, register):
         register("tiny", lambda o, c: TinyGenerator(o.size, c.seed), options=TinyOptions,
-                 summary="8x8 test generator")
+                 summary="8x8 test generator", provides=("latents", "images"))
 
     @hookimpl
     def drpo_register_rankers(self, register):
@@ -137,7 +141,8 @@ class _FakesPlugin:
 
     @hookimpl
     def drpo_register_features(self, register):
-        register("tiny-pixels", lambda o, c: PixelFeatures(), summary="channel means and pooled pixels")
+        register("tiny-pixels", lambda o, c: PixelFeatures(), summary="channel means and pooled pixels",
+                 requires=("latents",))
 
 
 fakes_plugin = _FakesPlugin()

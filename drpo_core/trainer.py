@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import platform
 import signal
 import subprocess
@@ -29,6 +30,7 @@ from collections import deque
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -42,14 +44,17 @@ from drpo_core.context import BuildContext
 from drpo_core.drift import DriftEstimator
 from drpo_core.errors import ComponentError, DrpoError
 from drpo_core.evaluation import Evaluator
+from drpo_core.interfaces import FeatureContext
 from drpo_core.metrics import MetricsLog, StepTimer
 from drpo_core.noise import make_noise
 from drpo_core.prompts import PromptRecord, PromptStream, load_prompts, split_prompts
 from drpo_core.ranking import combine_scores
 from drpo_core.registry import Registry, get_registry
+from drpo_core.runs import check_new_run_dir
 from drpo_core.sources import (
     DataSampler,
     DataSource,
+    DriftSource,
     ImageFolderSampler,
     OfflineSource,
     OnlineSource,
@@ -83,9 +88,9 @@ class _Batch:
             return self.trainer.generator.sample([self.records[b].text for b in prompts for _ in range(k)],
                                                  noise.to(self.trainer.device)).float()
 
-    def featurise(self, latents):
+    def featurise(self, latents, prompts):
         with torch.no_grad():
-            return self.trainer.featurise(latents)
+            return self.trainer.featurise(latents, prompts)
 
 
 class Trainer:
@@ -115,19 +120,22 @@ class Trainer:
     # -- setup -----------------------------------------------------------------------------
 
     def _build_components(self) -> None:
-        cfg, build = self.cfg, self.registry.build
+        cfg, options = self.cfg, self.resolved.options
         context = BuildContext(device=str(self.device), mixed_precision=cfg.train.mixed_precision,
                                seed=cfg.seed, config_dir=self.resolved.config_dir)
-        self.generator = build("generator", cfg.generator.name, cfg.generator.options, context, "generator")
+
+        def build(kind: str, reference: str, where: str) -> Any:  # options were validated by resolve_config
+            return self.registry.build(kind, reference, options.get(where, {}), context, where)
+
+        self.generator = build("generator", cfg.generator.name, "generator")
         if cfg.train.gradient_checkpointing:
             self.generator.enable_gradient_checkpointing()
-        self.features = build("feature", cfg.features.name, cfg.features.options, context, "features")
-        self.features = self.features.to(self.device)
-        self.rankers = [(r.name, build("ranker", r.name, r.options, context, f"rankers.{i}"), r.weight)
+        self.features = build("feature", cfg.features.name, "features").to(self.device)
+        self.rankers = [(r.name, build("ranker", r.name, f"rankers.{i}"), r.weight)
                         for i, r in enumerate(cfg.rankers)]
-        self.eval_rankers = [(r.name, build("ranker", r.name, r.options, context, f"eval.rankers.{i}"), r.weight)
+        self.eval_rankers = [(r.name, build("ranker", r.name, f"eval.rankers.{i}"), r.weight)
                              for i, r in enumerate(cfg.eval.rankers)]
-        kernel = build("kernel", cfg.kernel.name, cfg.kernel.options, context, "kernel")
+        kernel = build("kernel", cfg.kernel.name, "kernel")
         drift = cfg.drift
         self.estimator = DriftEstimator(
             kernel, radii=tuple(drift.radii), positive_weight=drift.positive_weight,
@@ -136,10 +144,7 @@ class Trainer:
             ref_radii=tuple(drift.ref_radii) if drift.ref_radii else None, aggregation=drift.aggregation,
             key_weights=drift.key_weights,
         )
-        binary = {bool(getattr(ranker, "binary", False)) for _, ranker, _ in self.rankers}
-        if len(binary) > 1:
-            raise DrpoError("rankers: binary rankers (0/1) cannot be mixed with graded ones in one run")
-        self.binary = binary.pop()
+        self.binary = self.rankers[0][1].binary  # one kind for all: checked by resolve_config
         params = self.generator.trainable_parameters()
         if not params:
             raise DrpoError(f"generator {cfg.generator.name!r} has no trainable parameters")
@@ -149,7 +154,7 @@ class Trainer:
         self.optimizer, self.scheduler = self.accelerator.prepare(optimizer, scheduler)
         self.ema = [p.detach().clone() for p in params] if cfg.train.ema_decay else None
 
-    def _build_source(self, data_sampler: DataSampler | None):
+    def _build_source(self, data_sampler: DataSampler | None) -> DriftSource:
         cfg = self.cfg
         image_size = tuple(self._probe_image().shape[-2:])
         if cfg.source.kind == "offline":
@@ -220,11 +225,13 @@ class Trainer:
 
     # -- one micro-batch ---------------------------------------------------------------------
 
-    def featurise(self, latents: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Features of latents (decoding first when the feature space takes images)."""
+    def featurise(self, latents: torch.Tensor, prompts: Sequence[str],
+                  noise: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """Features of latents (decoding first when the feature space takes images); ``prompts`` and
+        ``noise`` (None where unknown) are the rows' own."""
         with self.accelerator.autocast():
             x = self.generator.decode(latents) if self.features.input == "images" else latents
-            features = self.features.features(x)
+            features = self.features.features(x, FeatureContext(prompts, noise, self.generator))
         for key, value in features.items():
             if not torch.isfinite(value).all():
                 raise _Failure(f"features {key!r} are not finite")
@@ -270,7 +277,7 @@ class Trainer:
         with timer("sample"), torch.set_grad_enabled(live), self.accelerator.autocast():
             sampled = gen.sample(prompts, noise).float()
         with timer("features"), torch.set_grad_enabled(live):
-            live_features = self.featurise(sampled)
+            live_features = self.featurise(sampled, prompts, noise)
         latents, features = sampled.detach(), {key: v.detach() for key, v in live_features.items()}
         candidates = _Batch(self, records, indices, noise, latents, features, step)
         with timer("rank"):
@@ -303,11 +310,13 @@ class Trainer:
                         feats = {key: v.reshape(len(records), -1, v.shape[-1])[keep]
                                  for key, v in live_features.items()}
                     else:
-                        x = gen.sample([p for p in kept_prompts for _ in range(stop - start)],
-                                       kept_noise[:, start:stop].reshape(-1, *noise.shape[1:]))
+                        chunk_prompts = [p for p in kept_prompts for _ in range(stop - start)]
+                        chunk_noise = kept_noise[:, start:stop].reshape(-1, *noise.shape[1:])
+                        x = gen.sample(chunk_prompts, chunk_noise)
                         x = gen.decode(x) if self.features.input == "images" else x
+                        context = FeatureContext(chunk_prompts, chunk_noise, gen)
                         feats = {key: v.float().reshape(len(kept_prompts), -1, v.shape[-1])
-                                 for key, v in self.features.features(x).items()}
+                                 for key, v in self.features.features(x, context).items()}
                     loss = self.estimator.loss(feats, targets, start, stop, per_candidate)
                 # the mean over kept prompts, and over micro-batches through ``scale``
                 self.accelerator.backward(loss["total"].sum() / len(records) * scale)
@@ -320,11 +329,11 @@ class Trainer:
     def _reference_features(self, prompts: list[str], noise: torch.Tensor) -> dict[str, torch.Tensor]:
         """Features of the frozen base's samples on the kept prompts' noise (B, K, ...): after the ranking,
         so that prompts the source skipped cost no reference pass."""
+        rows = [p for p in prompts for _ in range(noise.shape[1])]
         with self.timer("reference"), torch.no_grad(), self.accelerator.autocast():
-            reference = self.generator.reference([p for p in prompts for _ in range(noise.shape[1])],
-                                                 noise.flatten(0, 1)).float()
+            reference = self.generator.reference(rows, noise.flatten(0, 1)).float()
         with self.timer("features"), torch.no_grad():
-            return self.featurise(reference)
+            return self.featurise(reference, rows, noise.flatten(0, 1))
 
     def _zero_backward(self) -> None:
         """Nothing to train in this micro-batch: a zero backward keeps DDP ranks in step."""
@@ -335,10 +344,11 @@ class Trainer:
 
     def train(self, resume: str | None = None) -> dict[str, Any]:
         cfg = self.cfg
+        if not resume:
+            check_new_run_dir(self.run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
         start_step = self._resume(resume) if resume else 0
-        if not resume:
-            self._write_run_info()
+        self._write_run_info(resumed=bool(resume))
         self.metrics = MetricsLog(self.run_dir / "metrics.jsonl", resume_lines=self._metrics_lines)
         self.timer = StepTimer()
         self.evaluator = Evaluator(self)
@@ -369,11 +379,14 @@ class Trainer:
                 signal.signal(sig, handler)
         self.save(step)
         if self._stop_signal is not None:
-            self.console.print(f"stopped by {self._stop_signal} at step {step}; resume with --resume latest")
+            self.console.print(f"stopped by {self._stop_signal} at step {step}; resume with "
+                               f"`drpo train --resume latest --output-dir {self.run_dir}`")
+            self._finish_run_info(step, {})
             return {"step": step, "stopped": self._stop_signal}
         with self.ema_weights():
             summary = self.evaluator.run(step, self._log_eval, final=True)
         self.accelerator.end_training()
+        self._finish_run_info(step, summary or {})
         return {"step": step, **(summary or {})}
 
     def _train_step(self, step: int, failures: deque[int]) -> dict[str, Any]:
@@ -447,14 +460,16 @@ class Trainer:
 
     # -- checkpoints -------------------------------------------------------------------------
 
-    def save(self, step: int) -> Path:
+    def save(self, step: int) -> Path | None:
+        if not self.accelerator.is_main_process:  # one writer; every process holds the same weights
+            return None
         trainable = dict(self.generator.trainable_state_dict())
         if self.ema is not None:
             trainable.update({f"ema.{i}": t for i, t in enumerate(self.ema)})
-        memory = getattr(self.source, "memory", {})  # remembered correct samples, by prompt text
-        trainable.update({f"memory.{n}": t for n, t in enumerate(memory.values())})
+        source_tensors, source_values = self.source.checkpoint_state()
+        trainable.update(source_tensors)
         state = {"step": step, "prompts": self.stream.state_dict(), "metrics_lines": self.metrics.line_count,
-                 "memory_prompts": list(memory)}
+                 **source_values}
         return ckpt.save_checkpoint(
             self.run_dir, step, trainable=trainable, optimizer_state=self.optimizer.state_dict(),
             scheduler_state=self.scheduler.state_dict(), state=state, config_text=self.resolved.to_yaml(),
@@ -472,8 +487,7 @@ class Trainer:
                 raise DrpoError(f"{path} holds {len(ema)} EMA tensors, this run keeps {len(self.ema)}: "
                                 "resume with the train.ema_decay the run was started with")
             self.ema = ema
-        if hasattr(self.source, "memory"):
-            self.source.memory = dict(zip(loaded.state.get("memory_prompts", []), memory, strict=True))
+        self.source.load_checkpoint_state({f"memory.{n}": t for n, t in enumerate(memory)}, loaded.state)
         self.generator.load_trainable_state_dict(weights)
         self.optimizer.load_state_dict(loaded.optimizer_state)
         self.scheduler.load_state_dict(loaded.scheduler_state)
@@ -483,9 +497,20 @@ class Trainer:
         self.console.print(f"resumed from {path} at step {loaded.step}")
         return loaded.step
 
-    def _write_run_info(self) -> None:
-        (self.run_dir / "config.yaml").write_text(self.resolved.to_yaml())
+    def _write_run_info(self, resumed: bool) -> None:
+        """``config.yaml`` (a recipe that works from any directory) and ``run.json`` (how and when it ran)."""
+        if not self.accelerator.is_main_process:
+            return
+        info_path = self.run_dir / "run.json"
+        if resumed:  # the config stays the one the run started with; a later session is recorded
+            info = json.loads(info_path.read_text()) if info_path.is_file() else {}
+            info.setdefault("resumed", []).append({"time": _now(), "command_line": self.command_line,
+                                                   "train.steps": self.cfg.train.steps})
+            _write_atomic(info_path, json.dumps(info, indent=2))
+            return
+        _write_atomic(self.run_dir / "config.yaml", self.resolved.portable_yaml())
         info = {
+            "start_time": _now(),
             "command_line": self.command_line,
             "python": platform.python_version(),
             "packages": _versions(["drpo", "torch", "diffusers", "transformers", "peft", "accelerate"]),
@@ -494,7 +519,27 @@ class Trainer:
             "git_revision": _git_revision(),
             "device": str(self.device),
         }
-        (self.run_dir / "run.json").write_text(json.dumps(info, indent=2))
+        _write_atomic(info_path, json.dumps(info, indent=2))
+
+    def _finish_run_info(self, step: int, summary: dict[str, Any]) -> None:
+        """End time, the step reached and the final held-out metrics, in ``run.json``."""
+        path = self.run_dir / "run.json"
+        if not self.accelerator.is_main_process or not path.is_file():
+            return
+        info = json.loads(path.read_text())
+        final = {k: v for k, v in summary.items() if isinstance(v, (int, float)) and math.isfinite(v)}
+        info.update(end_time=_now(), steps_done=step, final_metrics=final)
+        _write_atomic(path, json.dumps(info, indent=2))
+
+
+def _now() -> str:
+    return datetime.now(UTC).isoformat(timespec="seconds")
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
 
 
 class _Failure(Exception):

@@ -31,7 +31,8 @@ train: {steps: 2, lr: 3e-4, device: cpu}
 eval: {seeds: [0], grid_prompts: 0}
 log: {progress: false}
 """
-JSON_KEYS = {"name", "module", "distribution", "version", "builtin", "state", "error", "components"}
+JSON_KEYS = {"name", "module", "distribution", "version", "builtin", "state", "error", "components", "summaries",
+             "clashes"}
 
 
 @pytest.fixture
@@ -72,6 +73,7 @@ def test_list_plugins_json(runner, isolated_registry):
     assert rows["_FakesPlugin"]["components"] == {
         "generator": ["tiny"], "ranker": ["tiny-brightness", "tiny-broken"], "feature": ["tiny-pixels"]}
     assert rows["drpo_kernels"]["state"] == "loaded" and rows["drpo_kernels"]["error"] is None
+    assert rows["_FakesPlugin"]["summaries"]["generator tiny"] == "8x8 test generator"
     broken = rows["drpo_broken_thing"]
     assert (broken["state"], broken["error"], broken["components"]) == (
         "broken", "ImportError: needs the 'fancy' extra", {})
@@ -81,13 +83,13 @@ def test_list_plugins_table(runner, isolated_registry):
     isolated_registry.register_module(broken_plugin())
     result = runner.invoke(app, ["list-plugins"])
     assert result.exit_code == 0, result.output
-    for header in ("plugin", "components", "distribution", "version", "state"):
+    for header in ("plugin", "component", "summary", "distribution", "version", "state"):
         assert header in result.stdout
     lines = result.stdout.splitlines()
     kernels = next(line for line in lines if "drpo_kernels" in line)
-    assert "kernel: laplacian, rbf, cosine" in kernels and "loaded" in kernels
+    assert "kernel laplacian" in kernels and "the official default" in kernels and "loaded" in kernels
     assert any("broken: ImportError: needs the 'fancy' extra" in line for line in lines)
-    assert any("ranker: tiny-brightness, tiny-broken" in line for line in lines)
+    assert any("ranker tiny-brightness" in line and "mean pixel value" in line for line in lines)
 
 
 def test_list_plugins_of_the_installed_builtins(runner, monkeypatch):

@@ -14,7 +14,8 @@ from drpo_core.errors import ConfigError
 from drpo_core.registry import Registry
 
 REPO = Path(__file__).resolve().parents[1]
-COMPONENTS = "generator: tiny\nrankers: [tiny-brightness]\nfeatures: tiny-pixels\nkernel: laplacian\n"
+COMPONENTS = ("generator: tiny\nrankers: [tiny-brightness]\nfeatures: tiny-pixels\nkernel: laplacian\n"
+              "prompts: {path: prompts.txt}\n")
 
 
 class _SoftKernelPlugin:
@@ -55,7 +56,7 @@ def test_layers_and_their_origins(isolated_registry, write):
     isolated_registry.register_module(_SoftKernelPlugin())
     recipe = write(COMPONENTS + "kernel: rbf\ntrain: {lr: 3e-4, steps: 10, grad_accum: 2}\n")
     resolved = resolve_config(recipe, flags={"kernel": "soft", "output_dir": "runs/x"},
-                              assignments=["train.steps=20", "selection.candidates=8"])
+                              assignments=["train.steps=20", "selection.candidates=20"])
     cfg, origins = resolved.config, resolved.origins
     # schema default < component recommended < YAML < flags < --set
     assert (cfg.train.eps, origins["train.eps"]) == (1e-8, "default")
@@ -65,7 +66,7 @@ def test_layers_and_their_origins(isolated_registry, write):
     assert (cfg.kernel.name, origins["kernel.name"]) == ("soft", "--kernel")
     assert (cfg.output_dir, origins["output_dir"]) == ("runs/x", "--output-dir")
     assert (cfg.train.steps, origins["train.steps"]) == (20, "--set")
-    assert (cfg.selection.candidates, origins["selection.candidates"]) == (8, "--set")
+    assert (cfg.selection.candidates, origins["selection.candidates"]) == (20, "--set")
 
 
 def test_set_wins_over_flags(isolated_registry, write):
@@ -75,7 +76,7 @@ def test_set_wins_over_flags(isolated_registry, write):
 
 def test_a_flag_keeps_the_files_options_for_the_same_component_only(isolated_registry, write):
     recipe = write("generator: {name: tiny, size: 4}\nrankers: [tiny-brightness]\nfeatures: tiny-pixels\n"
-                   "kernel: laplacian\n")
+                   "kernel: laplacian\nprompts: {path: prompts.txt}\n")
     assert resolve_config(recipe, flags={"generator": "tiny"}).config.generator.options == {"size": 4}
     with pytest.raises(ConfigError, match="unknown generator 'other'"):
         resolve_config(recipe, flags={"generator": "other"})
@@ -107,6 +108,7 @@ def test_several_rankers_with_weights(isolated_registry, write):
         generator: tiny
         features: tiny-pixels
         kernel: laplacian
+        prompts: {path: prompts.txt}
         rankers:
           - {name: tiny-brightness, weight: 2}
           - name: tiny-broken
@@ -143,7 +145,7 @@ def test_yaml_syntax_error_names_file_and_line(isolated_registry, write):
 def test_wrong_type_names_key_file_and_line(isolated_registry, write):
     recipe = write(COMPONENTS + "train:\n  steps: 5\n  lr: fast\n")
     message = error_of(recipe)
-    assert message.startswith(f"{recipe}:7: train.lr: ")
+    assert message.startswith(f"{recipe}:8: train.lr: ")
     assert "valid number" in message and "'fast'" in message
 
 
@@ -153,12 +155,12 @@ def test_wrong_type_from_set_names_set(isolated_registry, write):
 
 def test_unknown_key_suggests_the_closest(isolated_registry, write):
     recipe = write(COMPONENTS + "train:\n  lrr: 0.1\n")
-    assert error_of(recipe) == f"{recipe}:6: train.lrr: unknown key (did you mean lr?)"
+    assert error_of(recipe) == f"{recipe}:7: train.lrr: unknown key (did you mean lr?)"
 
 
 def test_unknown_top_level_key_suggests_the_closest(isolated_registry, write):
     recipe = write(COMPONENTS + "selction: {candidates: 8}\n")
-    assert error_of(recipe) == f"{recipe}:5: selction: unknown key (did you mean selection?)"
+    assert error_of(recipe) == f"{recipe}:6: selction: unknown key (did you mean selection?)"
 
 
 def test_component_section_without_name(isolated_registry, write):
@@ -169,20 +171,19 @@ def test_component_section_without_name(isolated_registry, write):
 def test_offline_source_without_path(isolated_registry, write):
     recipe = write(COMPONENTS + "source:\n  kind: offline\n")
     message = error_of(recipe)
-    assert message.startswith(f"{recipe}:5: source")
+    assert message.startswith(f"{recipe}:6: source")
     assert "source.path is required when source.kind is offline" in message
 
 
 def test_negative_radius(isolated_registry, write):
     recipe = write(COMPONENTS + "drift:\n  radii: [0.05, -0.2]\n")
-    assert error_of(recipe) == f"{recipe}:6: drift.radii: every radius must be positive, got [0.05, -0.2]"
+    assert error_of(recipe) == f"{recipe}:7: drift.radii: every radius must be positive, got [0.05, -0.2]"
 
 
 def test_more_anchors_than_candidates(isolated_registry, write):
     recipe = write(COMPONENTS + "selection: {candidates: 8, positives: 5, negatives: 4}\n")
-    message = error_of(recipe)
-    assert message.startswith(f"{recipe}:5: selection: ")
-    assert "positives + negatives (5 + 4) exceed candidates (8)" in message
+    assert error_of(recipe) == ("selection: positives + negatives (5 + 4) exceed candidates (8) (selection.positives "
+                                f"from {recipe}, selection.negatives from {recipe}, selection.candidates from {recipe})")
 
 
 def test_out_of_range_number_names_the_key(isolated_registry, write):
@@ -213,7 +214,7 @@ def test_bad_variant_names_the_section(isolated_registry, write):
 
 def test_plugin_options_are_validated_naming_the_plugin_key(isolated_registry, write):
     recipe = write(COMPONENTS.replace("generator: tiny", "generator: {name: tiny, sizee: 3}"))
-    assert error_of(recipe) == "generator.sizee: unknown key (did you mean size?)"
+    assert error_of(recipe) == f"{recipe}: generator.sizee: unknown key (did you mean size?)"
 
 
 def test_plugin_option_wrong_value_names_the_ranker_index(isolated_registry, write):
@@ -266,7 +267,7 @@ def test_every_repository_yaml_validates(path, builtin_registry):
 def test_validating_recipes_imports_no_heavy_library(tmp_path):
     recipe = tmp_path / "turbo.yaml"
     recipe.write_text("generator: {name: sd-turbo, lora_rank: 8, resolution: 512}\nrankers: [brightness]\n"
-                      "features: latent\nkernel: laplacian\n")
+                      "features: latent\nkernel: laplacian\nprompts: {path: prompts.txt}\n")
     probe = (
         "import json, sys\nfrom pathlib import Path\nfrom drpo_core.config import resolve_config\n"
         f"for path in [Path({str(recipe)!r}), *map(Path, {[str(p) for p in repository_yaml_files()]!r})]:\n"
@@ -279,7 +280,8 @@ def test_validating_recipes_imports_no_heavy_library(tmp_path):
 
 
 def test_recommended_settings_of_a_builtin_generator_are_shown_with_their_origin(builtin_registry, write):
-    recipe = write("generator: sd-turbo\nrankers: [brightness]\nkernel: laplacian\ntrain: {lr: 2e-5}\n")
+    recipe = write("generator: sd-turbo\nrankers: [brightness]\nkernel: laplacian\ntrain: {lr: 2e-5}\n"
+                   "prompts: {path: prompts.txt}\n")
     resolved = resolve_config(recipe, registry=builtin_registry)
     assert (resolved.config.features.name, resolved.origins["features.name"]) == ("latent", "generator sd-turbo")
     assert (resolved.config.selection.candidates, resolved.origins["selection.candidates"]) == (
@@ -290,5 +292,5 @@ def test_recommended_settings_of_a_builtin_generator_are_shown_with_their_origin
 def test_single_pass_with_candidate_chunks(isolated_registry, write):
     recipe = write(COMPONENTS + "train: {single_pass: true, candidate_chunk: 4}\n")
     message = error_of(recipe)
-    assert message.startswith(f"{recipe}:5: train")
+    assert message.startswith(f"{recipe}:6: train")
     assert "train.single_pass keeps every candidate's graph" in message

@@ -103,7 +103,9 @@ def test_installed_plugin_is_listed_with_its_components(venv):
     row = example_row(venv, DRPO_LOAD_PLUGINS=DIST)
     assert row == {"name": "example", "module": "drpo_example_plugin", "distribution": DIST, "version": "0.1.0",
                    "builtin": False, "state": "loaded", "error": None,
-                   "components": {"ranker": ["warmth"], "kernel": ["imq"]}}
+                   "components": {"ranker": ["warmth"], "kernel": ["imq"]}, "clashes": [],
+                   "summaries": {"kernel imq": "-beta log(1 + (d/(s r))^2): inverse multiquadric kernel (heavy tails)",
+                                 "ranker warmth": "mean red minus mean blue"}}
 
 
 def test_installed_plugin_loads_without_filters(venv):

@@ -189,21 +189,87 @@ def test_disabling_the_drpo_distribution_does_not_disable_builtins(installed, th
 # -- name clashes -------------------------------------------------------------------------------------
 
 
-def test_two_components_under_one_name_fail_naming_both_distributions(installed):
+def test_two_components_under_one_name_fail_only_the_run_that_uses_it(installed):
+    registry = installed(FakeEntryPoint("one", kernel_plugin("one", "imq", "one-only"), "drpo-imq-one"),
+                         FakeEntryPoint("two", kernel_plugin("two", "imq"), "drpo-imq-two"))
+    assert {p.name: p.state for p in registry.plugins} == {"one": "loaded", "two": "loaded"}
+    assert registry.get("kernel", "one-only").plugin.name == "one"  # the rest of each plugin works
     with pytest.raises(PluginError) as error:
-        installed(FakeEntryPoint("one", kernel_plugin("one", "imq"), "drpo-imq-one"),
-                  FakeEntryPoint("two", kernel_plugin("two", "imq"), "drpo-imq-two"))
+        registry.get("kernel", "imq")
     message = str(error.value)
     assert "kernel 'imq' is registered twice" in message
     assert "drpo-imq-one" in message and "drpo-imq-two" in message
     assert "DRPO_DISABLE_PLUGINS" in message
+    assert [(key, [s.plugin.name for s in specs]) for key, specs in registry.clashes.items()] == [
+        (("kernel", "imq"), ["one", "two"])]
 
 
-def test_a_name_clashing_with_an_alias_fails_too(installed):
+def test_a_name_clashing_with_an_alias_is_a_clash_too(installed):
+    registry = installed(FakeEntryPoint("kernels", drpo_kernels),
+                         FakeEntryPoint("exp", kernel_plugin("exp", "exponential"), "drpo-exp"))
     with pytest.raises(PluginError, match=r"kernel 'exponential' is registered twice") as error:
-        installed(FakeEntryPoint("kernels", drpo_kernels),
-                  FakeEntryPoint("exp", kernel_plugin("exp", "exponential"), "drpo-exp"))
+        registry.get("kernel", "exponential")
     assert "by drpo (kernels)" in str(error.value) and "by drpo-exp (exp)" in str(error.value)
+    assert registry.get("kernel", "laplacian").plugin.name == "kernels"
+
+
+def test_list_plugins_shows_a_clash_and_keeps_working(installed, monkeypatch):
+    from typer.testing import CliRunner
+
+    from drpo_cli.main import app
+    from drpo_core import registry as registry_module
+
+    registry = installed(FakeEntryPoint("one", kernel_plugin("one", "imq"), "drpo-imq-one"),
+                         FakeEntryPoint("two", kernel_plugin("two", "imq"), "drpo-imq-two"))
+    monkeypatch.setattr(registry_module, "_default", registry)
+    result = CliRunner().invoke(app, ["list-plugins", "--json"])
+    assert result.exit_code == 0, result.output
+    rows = {row["name"]: row for row in json.loads(result.stdout)}
+    assert rows["one"]["clashes"] == ["clash: kernel 'imq' is also registered by two"]
+    assert rows["two"]["clashes"] == ["clash: kernel 'imq' is also registered by one"]
+
+
+def test_filters_take_the_names_list_plugins_shows_and_warn_on_others(installed, monkeypatch):
+    eps = [FakeEntryPoint("one", kernel_plugin("one", "a"), "drpo-one"),
+           FakeEntryPoint("two", kernel_plugin("two", "b"), "drpo-two")]
+    monkeypatch.setenv("DRPO_DISABLE_PLUGINS", "one")  # the plugin name, not only the distribution's
+    assert {p.name: p.state for p in installed(*eps).plugins} == {"one": "disabled", "two": "loaded"}
+    monkeypatch.setenv("DRPO_DISABLE_PLUGINS", "")
+    monkeypatch.setenv("DRPO_LOAD_PLUGINS", "two,nothing-here")
+    with pytest.warns(UserWarning, match="DRPO_LOAD_PLUGINS names nothing-here, which match no installed plugin"):
+        states = {p.name: p.state for p in installed(*eps).plugins}
+    assert states == {"one": "disabled", "two": "loaded"}
+
+
+def test_unknown_name_says_which_plugins_did_not_load(installed, monkeypatch):
+    monkeypatch.setenv("DRPO_DISABLE_PLUGINS", "drpo-one")
+    registry = installed(FakeEntryPoint("one", kernel_plugin("one", "a"), "drpo-one"),
+                         FakeEntryPoint("bad", ImportError("needs torch 9"), "drpo-bad"))
+    with pytest.raises(PluginError) as error:
+        registry.get("kernel", "a")
+    assert str(error.value).endswith(
+        "; not loaded, and may provide it: bad (broken: ImportError: needs torch 9), one (disabled)")
+
+
+def test_a_component_of_another_api_version_is_refused_when_built():
+    class OldRanker:
+        api_version = 1
+        binary = False
+
+    module = plugin_module("old", drpo_register_rankers=lambda register: register("old", lambda o, c: OldRanker()))
+    registry = registry_from([module])
+    with pytest.raises(PluginError, match=r"ranker 'old' from \(local\) implements drpo API version 1, this drpo "
+                                          r"speaks version 2"):
+        registry.build("ranker", "old", {}, BuildContext())
+
+
+def test_a_ranker_whose_scores_contradict_its_registration_is_refused():
+    from drpo_core.testing import BrightnessRanker
+
+    module = plugin_module("liar", drpo_register_rankers=lambda register: register(
+        "liar", lambda o, c: BrightnessRanker(), provides=("binary",)))
+    with pytest.raises(PluginError, match="its scores are graded but its registration says otherwise"):
+        registry_from([module]).build("ranker", "liar", {}, BuildContext())
 
 
 def test_the_same_name_in_different_kinds_is_fine():

@@ -40,7 +40,7 @@ def test_sample_then_eval_round_trip(tmp_path, finished_run):
 def test_export_of_a_generator_without_formats_is_one_clear_error(finished_run):
     result = CliRunner().invoke(app, ["export", str(finished_run)])
     assert result.exit_code == 2
-    assert "generator 'tiny' has no export formats" in result.output
+    assert "generator 'tiny' cannot export 'diffusers' (formats: none)" in result.output
 
 
 def test_sample_rejects_bad_seeds(tmp_path, finished_run):

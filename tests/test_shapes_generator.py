@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from drpo_core.errors import ComponentError
-from drpo_core.interfaces import FeatureSpace, Generator
+from drpo_core.interfaces import FeatureContext, FeatureSpace, Generator
 from drpo_shapes.features import ShapesFeatures
 from drpo_shapes.generator import ShapesGenerator
 
@@ -68,11 +68,12 @@ def test_unknown_prompt_is_a_clear_error(generator):
 
 
 def test_features_are_frozen_differentiable_and_deterministic():
+    CONTEXT = FeatureContext(["three red circles"] * 3, None, ShapesGenerator(init="random"))  # noqa: N806
     space = ShapesFeatures()
     assert isinstance(space, FeatureSpace) and space.input == "images"
     assert not any(p.requires_grad for p in [*space.cnn.parameters(), *space.encoder.parameters()])
     x = torch.rand(3, 3, 32, 32, requires_grad=True)
-    out = space.features(x)
+    out = space.features(x, CONTEXT)
     assert len(out) == 41
     assert out["patch8@0,0"].shape == (3, 1, 192) and out["patch4@3,3"].shape == (3, 4, 48)
     assert out["pool4"].shape == (3, 1, 192) and out["color"].shape == (3, 1, 3)
@@ -81,13 +82,13 @@ def test_features_are_frozen_differentiable_and_deterministic():
     assert out["enc"].shape == (3, 1, 64) and out["enc_cells"].shape == (3, 16, 64)
     sum(v.sum() for v in out.values()).backward()
     assert x.grad is not None and x.grad.abs().sum() > 0
-    again = ShapesFeatures().features(x.detach())
+    again = ShapesFeatures().features(x.detach(), CONTEXT)
     assert all(torch.equal(again[k], v.detach()) for k, v in out.items())
     # the 8x8 patch of cell (1, 2) is exactly those pixels
     assert torch.equal(out["patch8@1,2"][0, 0], x[0, :, 8:16, 16:24].reshape(-1).detach())
-    ablated = ShapesFeatures(exclude=["edge", "cnn"]).features(x.detach())
+    ablated = ShapesFeatures(exclude=["edge", "cnn"]).features(x.detach(), CONTEXT)
     assert set(ablated) == {k for k in out if not k.startswith(("edge", "cnn"))} and len(ablated) == 36
-    assert set(out) - set(ShapesFeatures(encoder=False).features(x.detach())) == {"enc", "enc_cells"}
+    assert set(out) - set(ShapesFeatures(encoder=False).features(x.detach(), CONTEXT)) == {"enc", "enc_cells"}
 
 
 def test_registry_builds_the_toy_world(tmp_path):

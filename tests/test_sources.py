@@ -12,7 +12,7 @@ class _Visit:
         self.records = [type("Record", (), {"text": "p", "metadata": None})()]
         self.indices, self.step, self.correct = [step], step, correct
         self.latents = torch.tensor(ids, dtype=torch.float32)[:, None]
-        self.features = self.featurise(self.latents)
+        self.features = self.featurise(self.latents, ['p'] * len(ids))
 
     def score(self, latents, records):
         scores = torch.tensor([float(int(x) in self.correct) for x in latents[:, 0]])
@@ -21,7 +21,7 @@ class _Visit:
     def rollout(self, prompts, round_index):
         raise AssertionError("one rollout round only")
 
-    def featurise(self, latents):
+    def featurise(self, latents, prompts):
         return {"x": latents[:, None, :]}
 
 

@@ -165,7 +165,7 @@ class ThresholdRanker(BrightnessRanker):
 class _BinaryPlugin:
     @hookimpl
     def drpo_register_rankers(self, register):
-        register("bright-enough", lambda o, c: ThresholdRanker())
+        register("bright-enough", lambda o, c: ThresholdRanker(), provides=("binary",))
 
 
 @pytest.mark.parametrize("fresh_anchors", [False, True])
@@ -232,11 +232,12 @@ SCRIPT = textwrap.dedent("""
 """)
 
 
-def _cli(tmp_path: Path, config: dict, *args: str, env: dict | None = None, wait: bool = True):
+def _cli(tmp_path: Path, config: dict | None, *args: str, env: dict | None = None, wait: bool = True):
+    """``drpo train`` in a subprocess, with ``config`` as its recipe (None: no recipe, e.g. to resume)."""
     script, recipe = tmp_path / "cli.py", tmp_path / "recipe.yaml"
     script.write_text(SCRIPT)
     recipe.write_text(json.dumps(config))  # JSON is YAML
-    command = [sys.executable, str(script), "train", "--config", str(recipe), *args]
+    command = [sys.executable, str(script), "train", *(["--config", str(recipe)] if config else []), *args]
     full_env = {**os.environ, **(env or {})}
     if not wait:
         return subprocess.Popen(command, env=full_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -256,7 +257,7 @@ def test_sigkill_then_resume_matches_an_uninterrupted_run(tmp_path):
     killed = _cli(tmp_path, {**config, "output_dir": str(killed_dir)}, env={"KILL_AT_CALL": "5"})
     assert killed.returncode == -signal.SIGKILL
     assert len(read_metrics(killed_dir / "metrics.jsonl")) == 4  # step 4 was written after checkpoint 3
-    resumed = _cli(tmp_path, {**config, "output_dir": str(killed_dir)}, "--resume", "latest")
+    resumed = _cli(tmp_path, None, "--resume", "latest", "--output-dir", str(killed_dir))  # the run directory alone
     assert resumed.returncode == 0, resumed.stderr
 
     from drpo_core.checkpoint import load_checkpoint, resolve_checkpoint

@@ -55,30 +55,43 @@ OutputOpt = Annotated[str | None, typer.Option("--output-dir", help="Run directo
 
 
 def _resolve(config, generator, ranker, features, kernel, assignments, output_dir):
-    from drpo_core.config import read_yaml, resolve_config
+    """The run's config: the embedded default recipe applies only when nothing names a component."""
+    from drpo_core.config import names_a_component, read_yaml, resolve_config
 
     flags = {"generator": generator, "rankers": ranker, "features": features, "kernel": kernel,
              "output_dir": output_dir}
-    base = None if config is not None else read_yaml(DEFAULT_RECIPE)
-    return resolve_config(config, base=base, flags=flags, assignments=assignments)
+    if config is None and not names_a_component(flags, assignments):
+        return resolve_config(base=read_yaml(DEFAULT_RECIPE), base_origin="default recipe", flags=flags,
+                              assignments=assignments)
+    return resolve_config(config, flags=flags, assignments=assignments)
 
 
 @app.command()
 def train(config: ConfigOpt = None, generator: GeneratorOpt = None, ranker: RankerOpt = None,
           features: FeaturesOpt = None, kernel: KernelOpt = None, assignments: SetOpt = None,
           output_dir: OutputOpt = None,
-          resume: Annotated[str | None, typer.Option(help="Continue a run: 'latest' or a checkpoint path.")] = None,
+          resume: Annotated[str | None, typer.Option(
+              help="Continue a run from its directory alone: 'latest' (with --output-dir RUN), a run directory "
+                   "or a checkpoint directory. Only --set train.steps=N may change it (to run longer).")] = None,
           dry_run: Annotated[bool, typer.Option("--dry-run", help="Build every component, print the plan.")] = False):
     """Run DrPO (with no flags: the embedded toy-world default, a few minutes on a CPU)."""
+    from drpo_core.runs import resume_config
     from drpo_core.trainer import Trainer
 
-    resolved = _resolve(config, generator, ranker, features, kernel, assignments, output_dir)
+    if resume is not None:
+        changes = {"--config": config, "--generator": generator, "--ranker": ranker, "--features": features,
+                   "--kernel": kernel}
+        resolved, checkpoint, notes = resume_config(resume, output_dir, assignments or [], changes)
+        for note in notes:
+            console.print(note)
+    else:
+        resolved, checkpoint = _resolve(config, generator, ranker, features, kernel, assignments, output_dir), None
     trainer = Trainer(resolved, command_line=sys.argv, console=console)
     if dry_run:
         for line in trainer.plan():
             console.print(line)
         return
-    trainer.train(resume=resume)
+    trainer.train(resume=checkpoint)
 
 
 @config_app.command("show")
@@ -97,6 +110,11 @@ def config_show(config: ConfigOpt = None, generator: GeneratorOpt = None, ranker
     for key, value in _flatten(resolved.to_dict()).items():
         table.add_row(key, json.dumps(value), resolved.origins.get(key, "default"))
     console.print(table)
+    if resolved.conflicts:
+        console.print("recommendations that disagreed (the more specific wins: pair, generator, features, "
+                      "rankers, kernel):")
+        for conflict in resolved.conflicts:
+            console.print(f"  {conflict}", markup=False)
 
 
 @config_app.command("validate")
@@ -155,8 +173,9 @@ def export(run: Annotated[Path, typer.Argument(help="Run directory.")],
     from drpo_core.runs import load_generator
 
     resolved, model = load_generator(run)
-    if not hasattr(model, "export"):
-        raise DrpoError(f"generator {resolved.config.generator.name!r} has no export formats")
+    if format not in model.export_formats:
+        formats = ", ".join(model.export_formats) or "none"
+        raise DrpoError(f"generator {resolved.config.generator.name!r} cannot export {format!r} (formats: {formats})")
     target = out or run / f"export-{format}{'-fused' if fuse else ''}"
     card = {"config": resolved.to_dict(), "run": run.name, "metrics": _last_eval(run),
             "ranker": ", ".join(r.name for r in resolved.config.rankers)}
@@ -170,37 +189,43 @@ def _last_eval(run: Path) -> dict[str, Any]:
 
 @app.command("list-plugins")
 def list_plugins(as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False):
-    """Every plugin, the components it registers, where it comes from, and its state."""
+    """Every plugin, the components it registers with their summaries, where it comes from, and its state."""
     from drpo_core.registry import get_registry
 
-    rows = [_plugin_row(info) for info in get_registry().plugins]
+    registry = get_registry()
+    rows = [_plugin_row(info, registry.clashes) for info in registry.plugins]
     if as_json:
         typer.echo(json.dumps(rows, indent=2))
         return
-    table = Table("plugin", "components", "distribution", "version", "state")
+    table = Table("plugin", "component", "summary", "distribution", "version", "state")
     for row in rows:
-        parts = [f"{kind}: {', '.join(names)}" for kind, names in row["components"].items()]
         state = row["state"] if row["error"] is None else f"{row['state']}: {row['error']}"
-        table.add_row(row["name"], "\n".join(parts) or "-", row["distribution"], row["version"], state)
+        state = "\n".join([state, *row["clashes"]])
+        components = [(f"{kind} {name}", row["summaries"].get(f"{kind} {name}", ""))
+                      for kind, names in row["components"].items() for name in names] or [("-", "")]
+        for i, (component, summary) in enumerate(components):
+            first = i == 0
+            table.add_row(row["name"] if first else "", component, summary, row["distribution"] if first else "",
+                          row["version"] if first else "", state if first else "")
     console.print(table)
 
 
-def _plugin_row(info: Any) -> dict[str, Any]:
+def _plugin_row(info: Any, clashes: dict) -> dict[str, Any]:
     components: dict[str, list[str]] = {}
     for kind, name in info.components:
         components.setdefault(kind, []).append(name)
+    clashing = [f"clash: {kind} {name!r} is also registered by "
+                + ", ".join(s.plugin.name for s in specs if s.plugin is not info)
+                for (kind, name), specs in clashes.items() if any(s.plugin is info for s in specs)]
     return {"name": info.name, "module": info.module, "distribution": info.distribution,
             "version": info.version, "builtin": info.builtin, "state": info.state, "error": info.error,
-            "components": components}
+            "components": components, "summaries": info.summaries, "clashes": clashing}
 
 
 def _add_plugin_commands() -> None:
     from drpo_core.registry import get_registry
 
-    try:
-        get_registry().add_commands(app)
-    except DrpoError as error:  # e.g. two plugins claiming one name: say so, keep the CLI usable
-        typer.echo(f"Error: {error}", err=True)
+    get_registry().add_commands(app)
 
 
 _add_plugin_commands()

@@ -12,6 +12,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from drpo_core import hookimpl
+from drpo_core.context import LocalPath
 
 
 class TurboOptions(BaseModel):
@@ -19,7 +20,7 @@ class TurboOptions(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    model: str = Field(description="hub id, or a local diffusers pipeline directory (relative to the config)")
+    model: LocalPath = Field(description="hub id, or a local diffusers pipeline directory (relative to the config)")
     revision: str | None = Field(None, description="hub revision (branch, tag or commit)")
     variant: str | None = Field(None, description='weight file variant, e.g. "fp16"')
     dtype: Literal["auto", "fp32", "fp16", "bf16"] = Field(
@@ -52,29 +53,50 @@ class TurboOptions(BaseModel):
 
 
 class SDTurboOptions(TurboOptions):
-    model: str = Field("stabilityai/sd-turbo", description=TurboOptions.model_fields["model"].description)
+    model: LocalPath = Field("stabilityai/sd-turbo", description=TurboOptions.model_fields["model"].description)
 
 
 class SDXLTurboOptions(TurboOptions):
-    model: str = Field("stabilityai/sdxl-turbo", description=TurboOptions.model_fields["model"].description)
+    model: LocalPath = Field("stabilityai/sdxl-turbo", description=TurboOptions.model_fields["model"].description)
 
 
-#: recommended run settings from the paper's recipes (method.md §6.4)
-SD_TURBO_DEFAULTS = {
-    "selection.candidates": 24,
+#: run settings of the paper's recipes (method.md §6.4), shared by both generators
+PAPER_DRIFT = {
+    "kernel.name": "laplacian",
+    "drift.radii": [0.02, 0.05, 0.2],
+    "drift.positive_weight": 3000.0,
+    "drift.negative_weight": 3000.0,
+    "drift.ref_positive_weight": 3000.0,
+    "drift.ref_negative_weight": 3000.0,
+    "drift.ref_lambda": 0.2,
     "selection.positives": 8,
     "selection.negatives": 8,
+    "train.prompts_per_step": 1,
+    "train.grad_accum": 8,
+}
+#: SD-Turbo (the paper's path): K=24, lr 1e-4, fp16, 1,000 steps; its latent-MAE keys' losses are summed.
+#: Feature space: the raw latents until latent-MAE lands (the paper's default for SD-Turbo).
+SD_TURBO_DEFAULTS = {
+    **PAPER_DRIFT,
+    "selection.candidates": 24,
     "train.lr": 1e-4,
     "train.mixed_precision": "fp16",
+    "train.steps": 1000,
     "features.name": "latent",
+    "drift.aggregation": "sum",
 }
+#: SDXL-Turbo: K=16, lr 1e-5, bf16, 5,000 steps; its pixel-MAE and teacher-UNet keys' losses are averaged.
 SDXL_TURBO_DEFAULTS = {
+    **PAPER_DRIFT,
     "selection.candidates": 16,
-    "selection.positives": 8,
-    "selection.negatives": 8,
     "train.lr": 1e-5,
     "train.mixed_precision": "bf16",
+    "train.steps": 5000,
+    "features.name": "latent",
+    "drift.aggregation": "mean",
 }
+#: what both generators hand to feature spaces
+PROVIDES = ("latents", "images")
 
 
 @hookimpl
@@ -84,6 +106,7 @@ def drpo_register_generators(register):
         _build_sd,
         options=SDTurboOptions,
         defaults=SD_TURBO_DEFAULTS,
+        provides=PROVIDES,
         summary="SD-Turbo (SD 2.1) one-step generator, LoRA on the UNet, 512px",
     )
     register(
@@ -91,6 +114,7 @@ def drpo_register_generators(register):
         _build_sdxl,
         options=SDXLTurboOptions,
         defaults=SDXL_TURBO_DEFAULTS,
+        provides=PROVIDES,
         summary="SDXL-Turbo one-step generator, LoRA on the UNet, 512px",
     )
 

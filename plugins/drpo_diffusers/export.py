@@ -20,7 +20,7 @@ from __future__ import annotations
 import copy
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 import yaml
@@ -29,15 +29,27 @@ from peft.utils import get_peft_model_state_dict
 from safetensors.torch import save_file
 
 from drpo_core.errors import ConfigError
-from drpo_diffusers.generator import PIPELINE_CLASSES, TurboGenerator
 
 KOHYA_WEIGHT_NAME = "drpo_lora_kohya.safetensors"
 DIFFUSERS_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
 FORMATS = ("diffusers", "kohya")
 
 
+class ExportableGenerator(Protocol):
+    """What export reads of a :class:`drpo_diffusers.generator.TurboGenerator` (which imports this module)."""
+
+    pipe: Any
+    unet: Any
+    architecture: str
+    base_model: str
+    lora: bool
+    lora_rank: int
+    lora_alpha: float
+    resolution: int
+
+
 def export_generator(
-    generator: TurboGenerator,
+    generator: ExportableGenerator,
     out_dir: str | Path,
     format: str = "diffusers",
     fuse: bool = False,
@@ -70,13 +82,13 @@ def export_generator(
     return out_dir
 
 
-def _lora_config(generator: TurboGenerator):
+def _lora_config(generator: ExportableGenerator):
     return generator.unet.peft_config["default"]
 
 
-def _save_diffusers_lora(generator: TurboGenerator, out_dir: Path) -> None:
+def _save_diffusers_lora(generator: ExportableGenerator, out_dir: Path) -> None:
     state = convert_state_dict_to_diffusers(get_peft_model_state_dict(generator.unet))
-    pipeline_cls = PIPELINE_CLASSES[generator.architecture]
+    pipeline_cls = type(generator.pipe)
     # without the metadata diffusers would assume alpha == rank
     pipeline_cls.save_lora_weights(
         out_dir,
@@ -86,7 +98,7 @@ def _save_diffusers_lora(generator: TurboGenerator, out_dir: Path) -> None:
     )
 
 
-def _save_kohya_lora(generator: TurboGenerator, out_dir: Path) -> None:
+def _save_kohya_lora(generator: ExportableGenerator, out_dir: Path) -> None:
     peft_state = get_peft_model_state_dict(generator.unet)
     # convert_state_dict_to_kohya turns "unet." into the "lora_unet_" prefix
     state = convert_state_dict_to_kohya({f"unet.{k}": v for k, v in peft_state.items()})
@@ -106,7 +118,7 @@ def _save_kohya_lora(generator: TurboGenerator, out_dir: Path) -> None:
     save_file(state, str(out_dir / KOHYA_WEIGHT_NAME), metadata=metadata)
 
 
-def _save_pipeline(generator: TurboGenerator, out_dir: Path) -> None:
+def _save_pipeline(generator: ExportableGenerator, out_dir: Path) -> None:
     pipe = generator.pipe
     unet = pipe.unet
     if generator.lora:
@@ -121,7 +133,7 @@ def _save_pipeline(generator: TurboGenerator, out_dir: Path) -> None:
 # ---------------------------------------------------------------------- model card
 
 
-def model_card(generator: TurboGenerator, kind: str, card: Mapping[str, Any]) -> str:
+def model_card(generator: ExportableGenerator, kind: str, card: Mapping[str, Any]) -> str:
     base = generator.base_model or "the base model"
     front = {
         "base_model": generator.base_model or None,
@@ -183,7 +195,7 @@ def _inline(value: Any) -> str:
     return str(value)
 
 
-def _usage(generator: TurboGenerator, kind: str) -> str:
+def _usage(generator: ExportableGenerator, kind: str) -> str:
     base = generator.base_model or "<base model>"
     r = generator.resolution
     call = f"image = pipe(prompt, num_inference_steps=1, guidance_scale=0.0, height={r}, width={r}).images[0]"

@@ -64,6 +64,8 @@ class TurboGenerator(Generator):
     ``pipe`` is a loaded pipeline already on its device and dtype; :meth:`from_options` loads one.
     """
 
+    export_formats = ("diffusers", "kohya")
+
     def __init__(
         self,
         pipe: DiffusionPipeline,
@@ -199,6 +201,10 @@ class TurboGenerator(Generator):
     @property
     def device(self) -> torch.device:
         return self.unet.device
+
+    @property
+    def module(self) -> torch.nn.Module:
+        return self.unet
 
     def trainable_parameters(self) -> list[torch.nn.Parameter]:
         return [p for p in self.unet.parameters() if p.requires_grad]

@@ -27,7 +27,8 @@ class LatentOptions(BaseModel):
 
 @hookimpl
 def drpo_register_features(register):
-    register("latent", _build, options=LatentOptions, summary="latent pixels and pooled statistics")
+    register("latent", _build, options=LatentOptions, requires=("latents",),
+             summary="latent pixels and pooled statistics")
 
 
 def _build(options, context):

@@ -3,7 +3,7 @@
 import torch
 import torch.nn.functional as F
 
-from drpo_core.interfaces import FeatureSpace
+from drpo_core.interfaces import FeatureContext, FeatureSpace
 
 
 def _grid_stats(x: torch.Tensor, grid: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -20,7 +20,7 @@ class LatentFeatures(FeatureSpace):
     def __init__(self, keys: list[str], stride: int = 4):
         self.keys, self.stride = list(keys), stride
 
-    def features(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+    def features(self, x: torch.Tensor, context: FeatureContext) -> dict[str, torch.Tensor]:
         x = x.float()
         out: dict[str, torch.Tensor] = {}
         for key in self.keys:

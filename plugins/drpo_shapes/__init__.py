@@ -10,6 +10,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict
 
 from drpo_core import hookimpl
+from drpo_core.context import LocalPath
 
 #: recommended run settings for the counting ranker (binary, GenEval-style online rollout)
 COUNTING_DEFAULTS = {
@@ -30,7 +31,7 @@ COUNTING_DEFAULTS = {
 class GeneratorOptions(BaseModel):
     model_config = ConfigDict(extra="forbid")
     #: safetensors file of base weights; default: the pretrained file shipped with the package
-    weights: str | None = None
+    weights: LocalPath | None = None
     init: Literal["pretrained", "random"] = "pretrained"
 
 
@@ -46,13 +47,13 @@ class FeatureOptions(BaseModel):
 
 @hookimpl
 def drpo_register_generators(register):
-    register("shapes", _build_generator, options=GeneratorOptions,
+    register("shapes", _build_generator, options=GeneratorOptions, provides=("latents", "images", "shapes-world"),
              summary="toy world: 0.4M-parameter U-Net, noise (8,16,16) -> 32x32 shapes image")
 
 
 @hookimpl
 def drpo_register_rankers(register):
-    register("shapes", _build_ranker, variants=("counting",), defaults=_ranker_defaults,
+    register("shapes", _build_ranker, variants=("counting",), defaults=_ranker_defaults, provides=("binary",),
              summary="toy world: GenEval-style 0/1 correctness from a programmatic shape detector")
 
 
@@ -65,7 +66,7 @@ def drpo_register_commands(cli):
 
 @hookimpl
 def drpo_register_features(register):
-    register("shapes", _build_features, options=FeatureOptions,
+    register("shapes", _build_features, options=FeatureOptions, requires=("images", "shapes-world"),
              summary="toy world: pixel patches, random-CNN statistics, count-aware encoder (frozen)")
 
 

@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from drpo_core.interfaces import FeatureSpace
+from drpo_core.interfaces import FeatureContext, FeatureSpace
 
 CELL = 8
 DIRECTIONS = 8
@@ -84,7 +84,7 @@ class ShapesFeatures(FeatureSpace):
         self.exclude = tuple(exclude)
         self.encoder = load_encoder() if encoder else None
 
-    def features(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+    def features(self, x: torch.Tensor, context: FeatureContext) -> dict[str, torch.Tensor]:
         batch, _, height, width = x.shape
         rows, cols = height // CELL, width // CELL
         out: dict[str, torch.Tensor] = {}

@@ -125,6 +125,10 @@ class ShapesGenerator(Generator):
     def device(self) -> torch.device:
         return next(self.net.parameters()).device
 
+    @property
+    def module(self) -> nn.Module:
+        return self.net
+
     def trainable_parameters(self) -> list[nn.Parameter]:
         return list(self.net.parameters())
 
