@@ -2,6 +2,9 @@
 
 DrPO only uses the order of the scores within a prompt's group (method.md §3 steps 5-6, §7.1, §7.4):
 
+* ``rank_candidates``: what the loop calls with every ranker's scores of a micro-batch: non-finite
+  scores mark their prompt as failed, the ``selection.shuffle_scores`` control permutes each prompt's
+  scores, binary (0/1) rankers combine by product and graded ones by ``combine_scores``.
 * ``combine_scores``: per prompt z-score of each ranker (population std clamped at 1e-6), weights
   normalised to sum 1, weighted sum (the official ``score_reward_ensemble``); or an average of ranks.
 * ``select_top_bottom``: hard top-M positives / bottom-M negatives by count.
@@ -68,6 +71,37 @@ def combine_scores(scores: Sequence[Tensor], weights: Sequence[float] | None = N
         term = w * transforms[method](r)
         combined = term if combined is None else combined + term
     return combined
+
+
+def rank_candidates(per_ranker: Sequence[Tensor], weights: Sequence[float] | None = None, *,
+                    method: str = "zscore", binary: bool = False,
+                    shuffle: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
+    """One float64 score per candidate from every ranker's scores of B prompts x K candidates.
+
+    ``per_ranker``: one (B, K) tensor per ranker, in that ranker's precision (converted to float64
+    exactly). Returns the scores (B, K) float64 and ``finite`` (B,) bool: False for a prompt that some
+    ranker scored NaN or infinite (its scores are set to 0 and the prompt must be skipped as a failure).
+
+    * ``shuffle``: the ``selection.shuffle_scores`` control: each prompt's scores are permuted at random
+      with this generator (the same permutation for every ranker), so ranking carries no information.
+    * ``binary``: 0/1 rankers (GenEval): a candidate is correct (1) when every ranker says so; the
+      product, ``weights`` and ``method`` unused.
+    * otherwise ``combine_scores(per_ranker, weights, method)``.
+    """
+    if len(per_ranker) == 0:
+        raise ValueError("no scores to rank")
+    per_ranker = [torch.as_tensor(s).detach().to(torch.float64) for s in per_ranker]
+    shape = per_ranker[0].shape
+    if len(shape) != 2 or any(s.shape != shape for s in per_ranker):
+        raise ValueError(f"scores must be (B, K) alike, got shapes {[tuple(s.shape) for s in per_ranker]}")
+    finite = torch.stack([s.isfinite().all(dim=1) for s in per_ranker]).all(dim=0)
+    per_ranker = [s.nan_to_num(0.0, posinf=0.0, neginf=0.0) for s in per_ranker]
+    if shuffle is not None:
+        order = torch.rand(*shape, generator=shuffle).argsort(dim=1).to(per_ranker[0].device)
+        per_ranker = [s.gather(1, order) for s in per_ranker]
+    if binary:
+        return torch.stack(per_ranker).prod(dim=0), finite
+    return combine_scores(per_ranker, weights, method), finite
 
 
 def select_top_bottom(scores: Tensor, num_positives: int, num_negatives: int) -> tuple[Tensor, Tensor]:

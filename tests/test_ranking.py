@@ -1,11 +1,17 @@
-"""Scores to anchors: ensembles, top/bottom selection and its tie rule, binary (GenEval) selection."""
+"""Scores to anchors: ensembles, the loop's rank_candidates, top/bottom selection and its tie rule, binary selection."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from drpo_core.ranking import combine_scores, select_binary, select_top_bottom, selection_seed
+from drpo_core.ranking import (
+    combine_scores,
+    rank_candidates,
+    select_binary,
+    select_top_bottom,
+    selection_seed,
+)
 
 
 def test_zscore_combination_matches_hand_computation():
@@ -91,3 +97,49 @@ def test_binary_selection_not_enough():
     assert sorted(pos[2].tolist()) == [0, 1, 2] and sorted(neg[2].tolist()) == [3, 4]
     with pytest.raises(ValueError):
         select_binary(correct, 1, 1, [1])
+
+# -- rank_candidates: what the loop calls -------------------------------------------------------
+
+
+def test_rank_candidates_combines_in_float64_and_matches_combine_scores():
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.randn(3, 6, generator=g), torch.randn(3, 6, generator=g, dtype=torch.float64)
+    scores, finite = rank_candidates([a, b], [2.0, 1.0], method="zscore")
+    assert scores.dtype == torch.float64 and finite.tolist() == [True] * 3
+    assert torch.equal(scores, combine_scores([a, b], [2.0, 1.0]))
+    squeezed = 1e4 + 1e-3 * a.double()  # below float32 resolution at 1e4, not below float64's
+    assert torch.equal(rank_candidates([squeezed])[0].argsort(), rank_candidates([a])[0].argsort())
+
+
+def test_rank_candidates_marks_non_finite_prompts_and_zeroes_their_scores():
+    a = torch.tensor([[1.0, float("nan"), 2.0], [1.0, 2.0, 3.0], [0.0, 1.0, 2.0]])
+    b = torch.tensor([[1.0, 2.0, 3.0], [1.0, 2.0, 3.0], [float("inf"), 1.0, 2.0]])
+    scores, finite = rank_candidates([a, b], method="none")
+    assert finite.tolist() == [False, True, False]
+    assert torch.isfinite(scores).all()
+    assert torch.equal(scores[2], torch.tensor([0.0, 1.0, 2.0], dtype=torch.float64))  # inf -> 0
+
+
+def test_rank_candidates_binary_is_the_product():
+    a = torch.tensor([[1.0, 1.0, 0.0, 0.0]])
+    b = torch.tensor([[1.0, 0.0, 1.0, 0.0]])
+    scores, _ = rank_candidates([a, b], [5.0, 1.0], binary=True)
+    assert scores.dtype == torch.float64 and scores.tolist() == [[1.0, 0.0, 0.0, 0.0]]
+
+
+def test_rank_candidates_shuffle_permutes_every_ranker_alike_and_is_seeded():
+    a = torch.arange(8.0).repeat(2, 1)
+    shuffled, _ = rank_candidates([a, 2 * a], method="none", shuffle=torch.Generator().manual_seed(1))
+    again, _ = rank_candidates([a, 2 * a], method="none", shuffle=torch.Generator().manual_seed(1))
+    assert torch.equal(shuffled, again)
+    assert not torch.equal(shuffled, rank_candidates([a, 2 * a], method="none")[0])
+    # one permutation for both rankers: the sum stays a multiple of 3 of a permutation of 0..7
+    assert torch.equal((shuffled / 1.5).sort(dim=1).values, a.double())
+
+
+def test_rank_candidates_rejects_mismatched_shapes():
+    with pytest.raises(ValueError):
+        rank_candidates([torch.zeros(2, 4), torch.zeros(2, 5)])
+    with pytest.raises(ValueError):
+        rank_candidates([])
+
