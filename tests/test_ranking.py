@@ -1,4 +1,4 @@
-"""Scores to anchors: ensembles, the loop's rank_candidates, top/bottom selection and its tie rule, binary selection."""
+"""Scores to anchors: ensembles, the loop's rank_candidates, top/bottom selection and ties, binary selection."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ from drpo_core.ranking import (
     select_binary,
     select_top_bottom,
     selection_seed,
+    separated,
 )
 
 
@@ -98,6 +99,7 @@ def test_binary_selection_not_enough():
     with pytest.raises(ValueError):
         select_binary(correct, 1, 1, [1])
 
+
 # -- rank_candidates: what the loop calls -------------------------------------------------------
 
 
@@ -143,3 +145,41 @@ def test_rank_candidates_rejects_mismatched_shapes():
     with pytest.raises(ValueError):
         rank_candidates([])
 
+
+# -- ties: drawn at a boundary with the prompt's seed, skipped when positives and negatives tie -------
+
+
+def test_seeded_selection_equals_the_index_rule_without_ties_at_a_boundary():
+    g = torch.Generator().manual_seed(2)
+    scores = torch.randn(4, 12, generator=g, dtype=torch.float64)
+    scores[:, 0] = scores[:, 1] = scores.max(dim=1).values + 1  # tied, both inside the positives
+    seeds = [selection_seed(0, 5, i, 0) for i in range(4)]
+    for pos_neg in [(3, 3), (4, 2), (2, 5)]:
+        plain = select_top_bottom(scores, *pos_neg)
+        seeded = select_top_bottom(scores, *pos_neg, seeds=seeds)
+        assert all(torch.equal(u, v) for u, v in zip(plain, seeded, strict=True))
+        assert separated(scores, *plain).all()
+
+
+def test_a_tie_straddling_the_boundary_is_drawn_with_the_seed():
+    scores = torch.tensor([[5.0, 3.0, 3.0, 3.0, 3.0, 1.0, 0.0, -1.0]], dtype=torch.float64)
+    drawn = set()
+    for seed in range(20):
+        pos, neg = select_top_bottom(scores, 2, 2, seeds=[seed])
+        again = select_top_bottom(scores, 2, 2, seeds=[seed])
+        assert torch.equal(pos, again[0]) and torch.equal(neg, again[1])  # deterministic per seed
+        assert pos[0, 0].item() == 0 and pos[0, 1].item() in {1, 2, 3, 4}
+        assert neg.tolist() == [[7, 6]]  # no tie at the bottom boundary: unchanged
+        assert separated(scores, pos, neg).item()
+        drawn.add(pos[0, 1].item())
+    assert len(drawn) > 1 and drawn != {1}  # not the lowest index every time
+
+
+def test_all_equal_or_shared_ties_are_not_separated():
+    scores = torch.tensor([[1.0] * 6, [2.0, 2.0, 2.0, 2.0, 2.0, 1.0], [3.0, 2.0, 2.0, 2.0, 1.0, 0.0]])
+    pos, neg = select_top_bottom(scores, 2, 2, seeds=[7, 8, 9])
+    for b in range(3):  # one total order: a candidate is never both positive and negative
+        assert not set(pos[b].tolist()) & set(neg[b].tolist())
+    assert separated(scores, pos, neg).tolist() == [False, False, True]
+    with pytest.raises(ValueError):
+        select_top_bottom(scores, 2, 2, seeds=[1])
