@@ -1,12 +1,13 @@
 """Drift sources: where the positive and negative anchors of a prompt come from.
 
 * ``online`` (the paper): rank the prompt's own K candidates; the top-M are positives, the bottom-M
-  negatives (detached). With binary rankers (0/1 correctness, GenEval style) the rollout of
-  method.md §7.4 runs: up to R rounds of K no-grad candidates until M correct and M incorrect ones
-  are found, else the prompt is skipped. The K candidates of the first round are the trainable
-  particles in every case; later rounds only supply anchors. (The official code instead trains on
-  the kept candidates minus the negatives, i.e. on the positives only; we keep all K trainable so
-  every candidate is pushed toward correct samples and away from incorrect ones.)
+  negatives (detached); a prompt whose scores do not put the positives strictly above the negatives is
+  skipped as ``tied`` (ranking.py, "Ties"). With binary rankers (0/1 correctness, GenEval style) the
+  rollout of method.md §7.4 runs: up to R rounds of K no-grad candidates until M correct and M
+  incorrect ones are found, else the prompt is skipped. The K candidates of the first round are the
+  trainable particles in every case; later rounds only supply anchors. (The official code instead
+  trains on the kept candidates minus the negatives, i.e. on the positives only; we keep all K
+  trainable so every candidate is pushed toward correct samples and away from incorrect ones.)
   With ``selection.positive_memory`` N > 0, the source also remembers the N most recent correct
   samples of each prompt (CPU latents, checkpointed); a prompt whose rollout finds fewer than M
   correct ones draws the rest of its positives from them instead of being skipped. Not in the paper:
@@ -32,7 +33,7 @@ import torch
 from PIL import Image
 
 from drpo_core.errors import ComponentError, DrpoError
-from drpo_core.ranking import select_binary, select_top_bottom, selection_seed
+from drpo_core.ranking import select_binary, select_top_bottom, selection_seed, separated
 
 Features = dict[str, torch.Tensor]
 
@@ -108,10 +109,15 @@ class OnlineSource:
         scores, ok = batch.score(batch.latents, batch.records)  # (B, K), (B,)
         if self.binary:
             return self._binary(batch, scores, ok, k)
-        pos, neg = select_top_bottom(scores, self.positives, self.negatives)
-        anchors = Anchors(gather(batch.features, pos, k), gather(batch.features, neg, k), ok)
-        anchors.skips = {"failure": int((~ok).sum())}
-        kept = ok.nonzero().flatten()
+        # ties straddling a boundary are drawn with the prompt's seed; prompts whose positives do not
+        # all score above their negatives get no anchors (ranking.py, "Ties")
+        seeds = [selection_seed(self.seed, batch.step, i, 0) for i in batch.indices]
+        pos, neg = select_top_bottom(scores, self.positives, self.negatives, seeds)
+        ordered = separated(scores, pos, neg)
+        keep = ok & ordered
+        anchors = Anchors(gather(batch.features, pos, k), gather(batch.features, neg, k), keep)
+        anchors.skips = {"failure": int((~ok).sum()), "tied": int((ok & ~ordered).sum())}
+        kept = keep.nonzero().flatten()
         if len(kept):
             anchors.stats = {
                 "score_positives": float(scores[kept].gather(1, pos[kept]).mean()),
@@ -331,8 +337,15 @@ class DataSource(_Stateless):
 
 
 def check_scores(scores: Any, expected: int, name: str) -> torch.Tensor:
-    """A ranker's output as a float tensor of ``expected`` values, or one clear error."""
-    scores = torch.as_tensor(scores, dtype=torch.float32).detach().cpu().flatten()
+    """A ranker's output as a float64 CPU tensor of ``expected`` values, or one clear error.
+
+    float64 keeps the ranker's precision until the order is taken: float32, bf16 and fp16 tensors and
+    lists of Python floats convert to it exactly.
+    """
+    try:
+        scores = torch.as_tensor(scores, dtype=torch.float64).detach().cpu().flatten()
+    except (TypeError, ValueError) as error:
+        raise ComponentError(f"ranker {name!r} returned scores that are not numbers: {error}") from None
     if scores.numel() != expected:
         raise ComponentError(f"ranker {name!r} returned {scores.numel()} scores for {expected} images")
     return scores

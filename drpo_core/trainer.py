@@ -48,7 +48,7 @@ from drpo_core.interfaces import FeatureContext
 from drpo_core.metrics import MetricsLog, StepTimer
 from drpo_core.noise import make_noise
 from drpo_core.prompts import PromptRecord, PromptStream, load_prompts, split_prompts
-from drpo_core.ranking import combine_scores
+from drpo_core.ranking import rank_candidates
 from drpo_core.registry import Registry, get_registry
 from drpo_core.runs import check_new_run_dir
 from drpo_core.sources import (
@@ -252,19 +252,13 @@ class Trainer:
                 raise
             except Exception as error:
                 raise _Failure(f"ranker {name!r} raised {type(error).__name__}: {error}") from error
-            per_ranker.append(check_scores(raw, len(prompts), name).reshape(len(records), k))
-        finite = torch.stack([s.isfinite().all(dim=1) for s in per_ranker]).all(dim=0)
-        for (name, _, _), s in zip(self.rankers, per_ranker, strict=True):
-            if not s.isfinite().all():
+            scores = check_scores(raw, len(prompts), name).reshape(len(records), k)
+            if not scores.isfinite().all():
                 self._last_failure = f"ranker {name!r} returned non-finite scores"
-        per_ranker = [s.nan_to_num(0.0, posinf=0.0, neginf=0.0) for s in per_ranker]
-        if self.cfg.selection.shuffle_scores:
-            order = torch.rand(len(records), k, generator=self._shuffle_rng).argsort(dim=1)
-            per_ranker = [s.gather(1, order) for s in per_ranker]
-        if self.binary:  # 0/1 correctness: a candidate is correct when every ranker says so
-            return torch.stack(per_ranker).prod(dim=0), finite
-        weights = [w for _, _, w in self.rankers]
-        return combine_scores(per_ranker, weights, self.cfg.selection.combine), finite
+            per_ranker.append(scores)
+        shuffle = self._shuffle_rng if self.cfg.selection.shuffle_scores else None
+        return rank_candidates(per_ranker, [w for _, _, w in self.rankers], method=self.cfg.selection.combine,
+                               binary=self.binary, shuffle=shuffle)
 
     def micro_step(self, step: int, batch: list[tuple[int, PromptRecord]], scale: float) -> dict[str, Any]:
         """Anchors, targets and backward for one micro-batch; returns its metrics."""

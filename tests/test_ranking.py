@@ -1,11 +1,18 @@
-"""Scores to anchors: ensembles, top/bottom selection and its tie rule, binary (GenEval) selection."""
+"""Scores to anchors: ensembles, the loop's rank_candidates, top/bottom selection and ties, binary selection."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from drpo_core.ranking import combine_scores, select_binary, select_top_bottom, selection_seed
+from drpo_core.ranking import (
+    combine_scores,
+    rank_candidates,
+    select_binary,
+    select_top_bottom,
+    selection_seed,
+    separated,
+)
 
 
 def test_zscore_combination_matches_hand_computation():
@@ -91,3 +98,88 @@ def test_binary_selection_not_enough():
     assert sorted(pos[2].tolist()) == [0, 1, 2] and sorted(neg[2].tolist()) == [3, 4]
     with pytest.raises(ValueError):
         select_binary(correct, 1, 1, [1])
+
+
+# -- rank_candidates: what the loop calls -------------------------------------------------------
+
+
+def test_rank_candidates_combines_in_float64_and_matches_combine_scores():
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.randn(3, 6, generator=g), torch.randn(3, 6, generator=g, dtype=torch.float64)
+    scores, finite = rank_candidates([a, b], [2.0, 1.0], method="zscore")
+    assert scores.dtype == torch.float64 and finite.tolist() == [True] * 3
+    assert torch.equal(scores, combine_scores([a, b], [2.0, 1.0]))
+    squeezed = 1e4 + 1e-3 * a.double()  # below float32 resolution at 1e4, not below float64's
+    assert torch.equal(rank_candidates([squeezed])[0].argsort(), rank_candidates([a])[0].argsort())
+
+
+def test_rank_candidates_marks_non_finite_prompts_and_zeroes_their_scores():
+    a = torch.tensor([[1.0, float("nan"), 2.0], [1.0, 2.0, 3.0], [0.0, 1.0, 2.0]])
+    b = torch.tensor([[1.0, 2.0, 3.0], [1.0, 2.0, 3.0], [float("inf"), 1.0, 2.0]])
+    scores, finite = rank_candidates([a, b], method="none")
+    assert finite.tolist() == [False, True, False]
+    assert torch.isfinite(scores).all()
+    assert torch.equal(scores[2], torch.tensor([0.0, 1.0, 2.0], dtype=torch.float64))  # inf -> 0
+
+
+def test_rank_candidates_binary_is_the_product():
+    a = torch.tensor([[1.0, 1.0, 0.0, 0.0]])
+    b = torch.tensor([[1.0, 0.0, 1.0, 0.0]])
+    scores, _ = rank_candidates([a, b], [5.0, 1.0], binary=True)
+    assert scores.dtype == torch.float64 and scores.tolist() == [[1.0, 0.0, 0.0, 0.0]]
+
+
+def test_rank_candidates_shuffle_permutes_every_ranker_alike_and_is_seeded():
+    a = torch.arange(8.0).repeat(2, 1)
+    shuffled, _ = rank_candidates([a, 2 * a], method="none", shuffle=torch.Generator().manual_seed(1))
+    again, _ = rank_candidates([a, 2 * a], method="none", shuffle=torch.Generator().manual_seed(1))
+    assert torch.equal(shuffled, again)
+    assert not torch.equal(shuffled, rank_candidates([a, 2 * a], method="none")[0])
+    # one permutation for both rankers: the sum stays a multiple of 3 of a permutation of 0..7
+    assert torch.equal((shuffled / 1.5).sort(dim=1).values, a.double())
+
+
+def test_rank_candidates_rejects_mismatched_shapes():
+    with pytest.raises(ValueError):
+        rank_candidates([torch.zeros(2, 4), torch.zeros(2, 5)])
+    with pytest.raises(ValueError):
+        rank_candidates([])
+
+
+# -- ties: drawn at a boundary with the prompt's seed, skipped when positives and negatives tie -------
+
+
+def test_seeded_selection_equals_the_index_rule_without_ties_at_a_boundary():
+    g = torch.Generator().manual_seed(2)
+    scores = torch.randn(4, 12, generator=g, dtype=torch.float64)
+    scores[:, 0] = scores[:, 1] = scores.max(dim=1).values + 1  # tied, both inside the positives
+    seeds = [selection_seed(0, 5, i, 0) for i in range(4)]
+    for pos_neg in [(3, 3), (4, 2), (2, 5)]:
+        plain = select_top_bottom(scores, *pos_neg)
+        seeded = select_top_bottom(scores, *pos_neg, seeds=seeds)
+        assert all(torch.equal(u, v) for u, v in zip(plain, seeded, strict=True))
+        assert separated(scores, *plain).all()
+
+
+def test_a_tie_straddling_the_boundary_is_drawn_with_the_seed():
+    scores = torch.tensor([[5.0, 3.0, 3.0, 3.0, 3.0, 1.0, 0.0, -1.0]], dtype=torch.float64)
+    drawn = set()
+    for seed in range(20):
+        pos, neg = select_top_bottom(scores, 2, 2, seeds=[seed])
+        again = select_top_bottom(scores, 2, 2, seeds=[seed])
+        assert torch.equal(pos, again[0]) and torch.equal(neg, again[1])  # deterministic per seed
+        assert pos[0, 0].item() == 0 and pos[0, 1].item() in {1, 2, 3, 4}
+        assert neg.tolist() == [[7, 6]]  # no tie at the bottom boundary: unchanged
+        assert separated(scores, pos, neg).item()
+        drawn.add(pos[0, 1].item())
+    assert len(drawn) > 1 and drawn != {1}  # not the lowest index every time
+
+
+def test_all_equal_or_shared_ties_are_not_separated():
+    scores = torch.tensor([[1.0] * 6, [2.0, 2.0, 2.0, 2.0, 2.0, 1.0], [3.0, 2.0, 2.0, 2.0, 1.0, 0.0]])
+    pos, neg = select_top_bottom(scores, 2, 2, seeds=[7, 8, 9])
+    for b in range(3):  # one total order: a candidate is never both positive and negative
+        assert not set(pos[b].tolist()) & set(neg[b].tolist())
+    assert separated(scores, pos, neg).tolist() == [False, False, True]
+    with pytest.raises(ValueError):
+        select_top_bottom(scores, 2, 2, seeds=[1])

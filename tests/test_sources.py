@@ -1,4 +1,4 @@
-"""The online source's binary selection with a memory of correct samples (no generator needed)."""
+"""The online source without a generator: binary selection with a memory of correct samples, graded ties."""
 
 import torch
 
@@ -53,3 +53,75 @@ def test_memory_keeps_the_most_recent_and_is_unused_when_the_visit_has_enough():
     third = source.anchors(_Visit([20, 21, 22, 23], correct={20, 21}, step=1), k=4)
     assert sorted(third.positives["x"][0, :, 0].tolist()) == [20.0, 21.0]  # fresh ones suffice
     assert source.memory["p"][:, 0].tolist() == [20.0, 21.0]  # capped at 2, newest kept
+
+
+# -- graded rankers: ties -------------------------------------------------------------------------
+
+
+class _Graded:
+    """One micro-batch of graded scores (B, K) given directly; each candidate's latent is its index."""
+
+    def __init__(self, scores: list[list[float]], step: int = 0, ok: list[bool] | None = None):
+        self.scores = torch.tensor(scores, dtype=torch.float64)
+        B, K = self.scores.shape
+        self.records = [type("Record", (), {"text": f"p{b}", "metadata": None})() for b in range(B)]
+        self.indices, self.step = list(range(B)), step
+        self.ok = torch.tensor(ok if ok is not None else [True] * B)
+        self.latents = torch.arange(float(K)).repeat(B)[:, None]
+        self.features = {"x": self.latents[:, None, :]}
+
+    def score(self, latents, records):
+        return self.scores, self.ok.clone()
+
+
+def _graded(batch: _Graded):
+    source = OnlineSource(binary=False, positives=2, negatives=2, rollout_rounds=1, seed=0)
+    anchors = source.anchors(batch, k=batch.scores.shape[1])
+    picked = lambda features: [sorted(row[:, 0].tolist()) for row in features["x"]]  # noqa: E731
+    return anchors, picked(anchors.positives), picked(anchors.negatives)
+
+
+def test_all_equal_scores_are_skipped_as_tied_not_counted_as_failures():
+    anchors, _, _ = _graded(_Graded([[1.0] * 6, [0.0, 1, 2, 3, 4, 5], [2.0] * 6], ok=[True, True, False]))
+    assert anchors.keep.tolist() == [False, True, False]
+    assert anchors.skips == {"failure": 1, "tied": 1}
+    assert anchors.stats["score_positives"] == 4.5 and anchors.stats["score_negatives"] == 0.5  # kept prompt only
+
+
+def test_a_tie_straddling_the_boundary_draws_among_the_tied_candidates_by_step():
+    scores = [[9.0, 5.0, 5.0, 5.0, 5.0, 1.0, 0.0]]
+    draws = set()
+    for step in range(12):
+        anchors, pos, neg = _graded(_Graded(scores, step=step))
+        assert anchors.keep.tolist() == [True] and anchors.skips["tied"] == 0
+        assert pos[0][0] == 0.0  # candidate 0 (score 9) is always a positive
+        assert neg == [[5.0, 6.0]]
+        assert _graded(_Graded(scores, step=step))[1] == pos  # the same seed, the same draw
+        draws.add(pos[0][1])
+    assert draws <= {1.0, 2.0, 3.0, 4.0} and len(draws) > 1
+
+
+def test_strictly_separated_scores_keep_the_top_and_bottom():
+    anchors, pos, neg = _graded(_Graded([[0.3, 0.9, 0.1, 0.5, 0.7, 0.2]]))
+    assert anchors.keep.tolist() == [True] and anchors.skips == {"failure": 0, "tied": 0}
+    assert pos == [[1.0, 4.0]] and neg == [[2.0, 5.0]]
+
+
+def test_scores_keep_the_rankers_precision_and_wrong_counts_are_one_error():
+    import pytest
+
+    from drpo_core.errors import ComponentError
+    from drpo_core.sources import check_scores
+
+    values = torch.tensor([0.1, 0.2, 1 / 3], dtype=torch.float64)
+    for low in (torch.float32, torch.bfloat16, torch.float16):
+        narrow = values.to(low)
+        checked = check_scores(narrow[:, None], 3, "r")
+        assert checked.dtype == torch.float64 and torch.equal(checked.to(low), narrow)
+    squeezed = [1e4 + 1e-9, 1e4 + 2e-9]  # equal in float32
+    assert check_scores(squeezed, 2, "r").tolist() == squeezed
+    assert torch.equal(check_scores(values.numpy(), 3, "r"), values)
+    with pytest.raises(ComponentError, match=r"ranker 'r' returned 4 scores for 3 images"):
+        check_scores(torch.zeros(2, 2), 3, "r")
+    with pytest.raises(ComponentError, match=r"ranker 'r' returned scores that are not numbers"):
+        check_scores(["high", "low"], 2, "r")

@@ -17,7 +17,9 @@ from PIL import Image
 from drpo_core.config import resolve_config
 from drpo_core.errors import ComponentError, DrpoError
 from drpo_core.hookspecs import hookimpl
+from drpo_core.interfaces import Ranker
 from drpo_core.metrics import StepTimer, read_metrics
+from drpo_core.sources import Anchors
 from drpo_core.testing import BrightnessRanker, make_registry
 from drpo_core.trainer import Trainer
 
@@ -78,14 +80,24 @@ def test_run_writes_outputs_and_per_step_metrics(tmp_path):
     assert summary["diversity_ratio"] > 0
 
 
-def _first_step_gradients(config: dict, *plugins, prompts: int = 2) -> tuple[torch.Tensor, dict]:
-    """The gradients of the first micro-step, and its metrics."""
+def _first_step(config: dict, *plugins, prompts: int = 2) -> tuple[torch.Tensor, dict, Anchors, Trainer, list]:
+    """The gradients of the first micro-step, its metrics, the source's anchors, the trainer, the batch."""
     registry = make_registry(*plugins)
     trainer = Trainer(resolve_config(base=config, registry=registry), registry=registry)
     trainer.timer = StepTimer()
     trainer.optimizer.zero_grad()
-    out = trainer.micro_step(0, trainer.stream.next_batch(prompts), 1.0)
-    return torch.cat([p.grad.flatten() for p in trainer.generator.trainable_parameters()]), out
+    anchors, captured = trainer.source.anchors, []
+    trainer.source.anchors = lambda batch, k: captured.append(anchors(batch, k)) or captured[-1]
+    batch = trainer.stream.next_batch(prompts)
+    out = trainer.micro_step(0, batch, 1.0)
+    gradients = torch.cat([p.grad.flatten() for p in trainer.generator.trainable_parameters()])
+    return gradients, out, captured[0], trainer, batch
+
+
+def _first_step_gradients(config: dict, *plugins, prompts: int = 2) -> tuple[torch.Tensor, dict]:
+    """The gradients of the first micro-step, and its metrics."""
+    gradients, out, _, _, _ = _first_step(config, *plugins, prompts=prompts)
+    return gradients, out
 
 
 def _assert_equal_to_rounding(actual: torch.Tensor, expected: torch.Tensor) -> None:
@@ -201,6 +213,112 @@ def test_the_reference_pass_runs_on_the_kept_prompts_only(tmp_path):
     assert skipped > 0 and kept > 0, (skipped, kept)
     base_evaluation = len(trainer.eval_prompts) * len(trainer.cfg.eval.seeds)  # the one base pass
     assert sum(sampled) - base_evaluation == trainer.k * kept  # K reference samples per kept prompt
+
+
+# -- the reward only ranks: transforms of the scores, ties ---------------------------------------------
+
+
+def _redness(images: torch.Tensor) -> torch.Tensor:
+    return images[:, 0].float().mean(dim=(1, 2)).cpu()
+
+
+class _Scored(Ranker):
+    """A ranker from a function of the images (float64 where the function computes in float64)."""
+
+    def __init__(self, fn):
+        self.fn = fn
+
+    def score(self, images, prompts, metadata):
+        return self.fn(images, prompts)
+
+
+def _brightness(images: torch.Tensor) -> torch.Tensor:
+    return BrightnessRanker().score(images, None, None).double()  # float32 values, exactly in float64
+
+
+def _flat_first(images, prompts):
+    """The batch's first prompt: K equal scores; the others by brightness."""
+    first = torch.tensor([p == prompts[0] for p in prompts])
+    return torch.where(first, 0.5, _brightness(images))
+
+
+def _nan_first(images, prompts):
+    first = torch.tensor([p == prompts[0] for p in prompts])
+    return torch.where(first, float("nan"), _brightness(images))
+
+
+RANKERS = {
+    # strictly increasing transforms of brightness (positive), computed in float64
+    "bright-squeezed": lambda x, p: 1e4 + 1e-3 * _brightness(x),  # below float32 resolution at 1e4
+    "bright-exp": lambda x, p: torch.exp(_brightness(x)),
+    "bright-cubed": lambda x, p: _brightness(x) ** 3,
+    "bright-list": lambda x, p: [float(s) for s in 1e4 + 1e-3 * _brightness(x)],  # Python floats
+    "redness": lambda x, p: _redness(x),
+    "redness-affine": lambda x, p: 2.5 * _redness(x).double() + 100.0,
+    "flat": lambda x, p: torch.full((len(x),), 0.5),
+    "flat-first": _flat_first,
+    "nan-first": _nan_first,
+}
+
+
+class _RankersPlugin:
+    @hookimpl
+    def drpo_register_rankers(self, register):
+        for name, fn in RANKERS.items():
+            register(name, lambda o, c, fn=fn: _Scored(fn))
+
+
+def _assert_same_step(a: tuple, b: tuple) -> None:
+    """Bitwise-identical anchors, losses, drift statistics and gradients of two first micro-steps."""
+    (grad_a, out_a, anchors_a, _, _), (grad_b, out_b, anchors_b, _, _) = a, b
+    assert torch.equal(anchors_a.keep, anchors_b.keep)
+    for side in ("positives", "negatives"):
+        first, second = getattr(anchors_a, side), getattr(anchors_b, side)
+        assert first.keys() == second.keys() and all(torch.equal(first[k], second[k]) for k in first)
+    scores = {"score_positives", "score_negatives", "score_mean"}  # the ranker's own scale
+    assert {k: v for k, v in out_a.items() if k not in scores} == {k: v for k, v in out_b.items() if k not in scores}
+    assert torch.equal(grad_a, grad_b) and grad_a.abs().sum() > 0
+
+
+@pytest.mark.parametrize("transformed", ["bright-squeezed", "bright-exp", "bright-cubed", "bright-list"])
+def test_an_increasing_transform_of_one_ranker_changes_nothing_but_the_scores(tmp_path, transformed):
+    plain = _first_step(tiny_config(tmp_path / "a"), _RankersPlugin())
+    other = _first_step(tiny_config(tmp_path / "b", rankers=[transformed]), _RankersPlugin())
+    _assert_same_step(plain, other)
+
+
+def test_a_positive_affine_transform_within_a_zscored_ensemble_changes_nothing(tmp_path):
+    def ensemble(name: str) -> list:
+        return [{"name": "tiny-brightness", "weight": 2.0}, {"name": name, "weight": 1.0}]
+
+    plain = _first_step(tiny_config(tmp_path / "a", rankers=ensemble("redness")), _RankersPlugin())
+    affine = _first_step(tiny_config(tmp_path / "b", rankers=ensemble("redness-affine")), _RankersPlugin())
+    _assert_same_step(plain, affine)
+
+
+def test_a_prompt_whose_scores_are_all_equal_is_skipped_as_tied_with_no_update(tmp_path):
+    gradients, out, anchors, _, _ = _first_step(tiny_config(tmp_path / "a", rankers=["flat"]), _RankersPlugin())
+    assert out["skip_tied"] == 2 and out["skip_failure"] == 0 and not anchors.keep.any()
+    assert torch.equal(gradients, torch.zeros_like(gradients))
+    # one tied prompt of two: nothing from it, exactly as when its ranker fails
+    tied = _first_step(tiny_config(tmp_path / "b", rankers=["flat-first"]), _RankersPlugin())
+    failed = _first_step(tiny_config(tmp_path / "c", rankers=["nan-first"]), _RankersPlugin())
+    assert tied[1]["skip_tied"] == 1 and tied[1]["skip_failure"] == 0
+    assert failed[1]["skip_failure"] == 1 and failed[1]["skip_tied"] == 0
+    assert tied[2].keep.tolist() == [False, True]
+    assert torch.equal(tied[0], failed[0]) and tied[0].abs().sum() > 0
+    trainer, batch = tied[3], tied[4]
+    slots = trainer.generator._slots([record.text for _, record in batch]).tolist()
+    assert slots[0] != slots[1]
+    bias = trainer.generator.net.prompt_bias.weight.grad
+    assert torch.equal(bias[slots[0]], torch.zeros(3)) and bias[slots[1]].abs().sum() > 0
+
+
+def test_tied_prompts_are_counted_in_the_metrics(tmp_path):
+    config = tiny_config(tmp_path, rankers=["flat"], train={"steps": 2}, prompts={"eval_count": 0})
+    trainer, _ = run(config, _RankersPlugin())
+    metrics = read_metrics(Path(trainer.run_dir) / "metrics.jsonl")
+    assert [(m["skip_tied"], m["skip_failure"], m["prompts"]) for m in metrics] == [(2, 0, 2), (2, 0, 2)]
 
 
 # -- exact resume and signals (true subprocesses) -------------------------------------------------
