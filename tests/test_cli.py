@@ -70,7 +70,8 @@ def test_list_plugins_json(runner, isolated_registry):
     assert all(set(row) == JSON_KEYS for row in rows.values())
     assert rows["drpo_kernels"]["components"] == {"kernel": ["laplacian", "rbf", "cosine"]}
     assert rows["_FakesPlugin"]["components"] == {
-        "generator": ["tiny"], "ranker": ["tiny-brightness", "tiny-broken"], "feature": ["tiny-pixels"]}
+        "generator": ["tiny"], "ranker": ["tiny-brightness", "tiny-broken"], "feature": ["tiny-pixels"],
+        "kernel": ["tiny-laplacian"]}
     assert rows["drpo_kernels"]["state"] == "loaded" and rows["drpo_kernels"]["error"] is None
     broken = rows["drpo_broken_thing"]
     assert (broken["state"], broken["error"], broken["components"]) == (

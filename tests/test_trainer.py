@@ -18,8 +18,9 @@ from drpo_core.config import resolve_config
 from drpo_core.errors import ComponentError, DrpoError
 from drpo_core.hookspecs import hookimpl
 from drpo_core.metrics import StepTimer, read_metrics
-from drpo_core.testing import BrightnessRanker, make_registry
+from drpo_core.testing import BrightnessRanker
 from drpo_core.trainer import Trainer
+from tests.conftest import make_registry
 
 PROMPTS = ["a red apple", "a blue car", "a green tree", "a cat", "a dog", "a house", "the sea", "a bird"]
 
@@ -207,6 +208,7 @@ def test_the_reference_pass_runs_on_the_kept_prompts_only(tmp_path):
 
 SCRIPT = textwrap.dedent("""
     import os, sys, signal
+    import drpo_kernels, drpo_latent
     from drpo_core.hookspecs import hookimpl
     from drpo_core.registry import set_registry
     from drpo_core.testing import BrightnessRanker, make_registry
@@ -226,7 +228,7 @@ SCRIPT = textwrap.dedent("""
         def drpo_register_rankers(self, register):
             register("killing-brightness", lambda o, c: KillingBrightness())
 
-    set_registry(make_registry(Plugin()))
+    set_registry(make_registry(drpo_kernels, drpo_latent, Plugin()))
     from drpo_cli.main import app
     app(sys.argv[1:])
 """)
