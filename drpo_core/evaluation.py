@@ -8,7 +8,6 @@ rankers) and the reward curve as PNGs in the run directory.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -17,6 +16,7 @@ import torch
 from PIL import Image, ImageDraw
 from rich.table import Table
 
+from drpo_core.jsonl import read_jsonl
 from drpo_core.noise import sample_noise
 
 if TYPE_CHECKING:
@@ -161,8 +161,8 @@ class Evaluator:
         """The held-out score of the first ranker against the step, as a small PNG."""
         t = self.trainer
         key = f"score/{t.rankers[0][0]}"
-        lines = (t.run_dir / "eval.jsonl").read_text().splitlines()
-        points = [(r["step"], r[key]) for r in map(json.loads, lines) if key in r]
+        records = read_jsonl(t.run_dir / "eval.jsonl", what="evaluation log", skip_torn=True)
+        points = [(r["step"], r[key]) for _, r in records if key in r]
         _plot(points, t.run_dir / "reward-curve.png", f"held-out {t.rankers[0][0]}")
 
     def _table(self, record: dict[str, Any]) -> None:

@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from drpo_core.errors import DrpoError
+from drpo_core.jsonl import read_jsonl
 
 
 class MetricsLog:
@@ -114,24 +115,7 @@ def _count_complete_lines(path: Path) -> int:
 
 def read_metrics(path: str | Path) -> list[dict[str, Any]]:
     """All records of a metrics log; a torn last line (a killed writer) is skipped."""
-    path = Path(path)
-    if not path.is_file():
-        raise DrpoError(f"metrics file not found: {path}")
-    records = []
-    with open(path, "rb") as f:
-        for number, line in enumerate(f, start=1):
-            if not line.endswith(b"\n"):
-                break  # torn: the writer died mid-line
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except (json.JSONDecodeError, UnicodeDecodeError) as err:
-                raise DrpoError(f"{path}:{number}: bad JSON ({err})") from None
-            if not isinstance(record, dict):
-                raise DrpoError(f"{path}:{number}: expected a JSON object, got {type(record).__name__}")
-            records.append(record)
-    return records
+    return [record for _, record in read_jsonl(path, what="metrics file", skip_torn=True)]
 
 
 class StepTimer:

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import csv
 import hashlib
-import json
 import random
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -26,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from drpo_core.errors import ConfigError, DrpoError
+from drpo_core.jsonl import read_jsonl
 
 FORMATS = ("text", "geneval", "parti")
 _SUFFIX_FORMATS = {".txt": "text", ".jsonl": "geneval", ".tsv": "parti"}
@@ -47,13 +47,12 @@ def load_prompts(path: str | Path, format: str = "auto") -> list[PromptRecord]:
     """Read a prompt file; ``format`` is ``"text"``, ``"geneval"``, ``"parti"`` or ``"auto"`` (by suffix)."""
     path = Path(path)
     fmt = _resolve_format(path, format)
-    lines = _read_lines(path)
-    if fmt == "text":
-        records = _parse_text(lines)
-    elif fmt == "geneval":
-        records = _parse_geneval(path, lines)
+    if fmt == "geneval":
+        records = _parse_geneval(path)
+    elif fmt == "text":
+        records = _parse_text(_read_lines(path))
     else:
-        records = _parse_parti(path, lines)
+        records = _parse_parti(path, _read_lines(path))
     if not records:
         raise DrpoError(f"{path}: no prompts found (the file is empty or holds only blank/comment lines)")
     return records
@@ -95,19 +94,9 @@ def _parse_text(lines: list[str]) -> list[PromptRecord]:
     return records
 
 
-def _parse_geneval(path: Path, lines: list[str]) -> list[PromptRecord]:
+def _parse_geneval(path: Path) -> list[PromptRecord]:
     records = []
-    for number, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise DrpoError(f"{path}:{number}: bad JSON ({err.msg} at column {err.colno})") from None
-        if not isinstance(row, dict):
-            raise DrpoError(f"{path}:{number}: expected a JSON object, got {type(row).__name__}")
-        if "prompt" not in row:
-            raise DrpoError(f'{path}:{number}: missing "prompt" key')
+    for number, row in read_jsonl(path, required=("prompt",), what="prompt file"):
         text = row["prompt"]
         if not isinstance(text, str) or not text.strip():
             raise DrpoError(f'{path}:{number}: "prompt" must be a non-empty string')

@@ -15,6 +15,7 @@ from drpo_core.checkpoint import assign_parameters, load_checkpoint, resolve_che
 from drpo_core.config import ResolvedConfig, parse_assignment, read_yaml, resolve_config
 from drpo_core.context import BuildContext
 from drpo_core.errors import ConfigError, DrpoError
+from drpo_core.jsonl import read_jsonl
 from drpo_core.noise import sample_noise
 from drpo_core.prompts import PromptRecord
 from drpo_core.registry import get_registry
@@ -70,9 +71,7 @@ def sample_images(generator: Any, records: Sequence[PromptRecord], seeds: Sequen
 
 def score_manifest(manifest: Path, rankers: Sequence[tuple[str, Any]], batch_size: int = 16) -> dict[str, float]:
     """Mean score of each ranker over the images a manifest lists; writes ``scores.jsonl`` beside it."""
-    if not manifest.is_file():
-        raise DrpoError(f"manifest not found: {manifest}")
-    rows = [json.loads(line) for line in manifest.read_text().splitlines() if line.strip()]
+    rows = [row for _, row in read_jsonl(manifest, required=("prompt", "file"), what="manifest")]
     if not rows:
         raise DrpoError(f"{manifest}: no images listed")
     scores: dict[str, list[float]] = {name: [] for name, _ in rankers}

@@ -22,7 +22,6 @@
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,6 +32,7 @@ import torch
 from PIL import Image
 
 from drpo_core.errors import ComponentError, DrpoError
+from drpo_core.jsonl import read_jsonl
 from drpo_core.ranking import select_binary, select_top_bottom, selection_seed, separated
 
 Features = dict[str, torch.Tensor]
@@ -235,29 +235,32 @@ def load_image(path: Path, size: tuple[int, int] | None = None) -> torch.Tensor:
 def read_pairs(path: str | Path) -> dict[str, dict[str, list[Path]]]:
     """Offline JSONL -> {prompt: {"chosen": [paths], "rejected": [paths]}} (paths checked)."""
     path = Path(path)
-    if not path.is_file():
-        raise DrpoError(f"source.path: offline pairs file not found: {path}")
     pairs: dict[str, dict[str, list[Path]]] = {}
-    for number, line in enumerate(path.read_text().splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as error:
-            raise DrpoError(f"{path}:{number}: invalid JSON: {error.msg}") from None
-        for key in ("prompt", "chosen", "rejected"):
-            if key not in row:
-                raise DrpoError(f"{path}:{number}: missing key {key!r}")
-        entry = pairs.setdefault(row["prompt"], {"chosen": [], "rejected": []})
+    rows = read_jsonl(path, required=("prompt", "chosen", "rejected"), what="source.path: offline pairs file")
+    for number, row in rows:
+        entry = pairs.setdefault(_prompt(path, number, row), {"chosen": [], "rejected": []})
         for key in ("chosen", "rejected"):
-            for item in [row[key]] if isinstance(row[key], str) else row[key]:
-                image_path = path.parent / item
-                if not image_path.is_file():
-                    raise DrpoError(f"{path}:{number}: {key} image not found: {item}")
-                entry[key].append(image_path)
+            entry[key] += _image_paths(path, number, row, key)
     if not pairs:
         raise DrpoError(f"{path}: no pairs in the file")
     return pairs
+
+
+def _prompt(path: Path, number: int, row: dict[str, Any]) -> str:
+    if not isinstance(row["prompt"], str):
+        raise DrpoError(f'{path}:{number}: "prompt" must be a string')
+    return row["prompt"]
+
+
+def _image_paths(path: Path, number: int, row: dict[str, Any], key: str) -> list[Path]:
+    """``row[key]``, one path or a list of paths relative to ``path``'s folder, each checked."""
+    items = [row[key]] if isinstance(row[key], str) else row[key]
+    if not isinstance(items, list) or not all(isinstance(item, str) for item in items):
+        raise DrpoError(f'{path}:{number}: "{key}" must be a path or a list of paths')
+    for item in items:
+        if not (path.parent / item).is_file():
+            raise DrpoError(f"{path}:{number}: {'' if key == 'images' else key + ' '}image not found: {item}")
+    return [path.parent / item for item in items]
 
 
 class OfflineSource(_Stateless):
@@ -297,20 +300,13 @@ class DataSampler(Protocol):
 
 
 class ImageFolderSampler:
-    """Real samples from a JSONL of ``{"prompt", "images": [paths]}`` (paths relative to the file)."""
+    """Real samples from a JSONL of ``{"prompt", "images": path|[paths]}`` (paths relative to the file)."""
 
     def __init__(self, path: str | Path, image_size: tuple[int, int]):
         path = Path(path)
-        if not path.is_file():
-            raise DrpoError(f"source.path: data file not found: {path}")
         self.images: dict[str, list[Path]] = {}
-        for number, line in enumerate(path.read_text().splitlines(), start=1):
-            if line.strip():
-                try:
-                    row = json.loads(line)
-                    self.images.setdefault(row["prompt"], []).extend(path.parent / p for p in row["images"])
-                except (json.JSONDecodeError, KeyError, TypeError) as error:
-                    raise DrpoError(f"{path}:{number}: expected {{'prompt', 'images'}}: {error}") from None
+        for number, row in read_jsonl(path, required=("prompt", "images"), what="source.path: data file"):
+            self.images.setdefault(_prompt(path, number, row), []).extend(_image_paths(path, number, row, "images"))
         self.image_size = image_size
 
     def sample(self, record: Any, n: int, seed: int) -> torch.Tensor:

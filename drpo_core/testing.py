@@ -2,15 +2,18 @@
 
 Use them from a test suite with ``pytest_plugins = ["drpo_core.testing"]``:
 
-* ``isolated_registry`` fixture: a registry holding the built-in kernels, the fakes below and only
-  the plugins you add (``isolated_registry.register_module(my_plugin)``); installed plugins are
-  not picked up, and the process-wide registry is restored afterwards.
+* ``isolated_registry`` fixture: a registry holding the fakes below and only the plugins you add
+  (``isolated_registry.register_module(my_plugin)``); installed plugins, the built-in ones included,
+  are not picked up, and the process-wide registry is restored afterwards. A recipe for it names
+  its components (``kernel: tiny-laplacian``: the default kernel ``laplacian`` is a built-in).
+* ``make_registry(*plugins)``: the same registry as a plain function.
 * ``TinyGenerator``: a one-step generator of 8x8 RGB images from an 8x8 noise map with a
   per-prompt bias (a few hundred parameters); latents are images, reference is a frozen copy.
-* ``BrightnessRanker`` / ``BrokenRanker`` and ``PixelFeatures``.
+* ``BrightnessRanker`` / ``BrokenRanker``, ``PixelFeatures`` and ``tiny_laplacian``.
 
 The fakes register under the names ``tiny`` (generator), ``tiny-brightness`` and ``tiny-broken``
-(rankers) and ``tiny-pixels`` (feature space).
+(rankers), ``tiny-pixels`` (feature space) and ``tiny-laplacian`` (kernel). This module imports no
+built-in plugin, so a plugin's tests can run a training loop with it alone.
 """
 
 from __future__ import annotations
@@ -116,6 +119,11 @@ class PixelFeatures(FeatureSpace):
         return {"mean": x.float().mean(dim=(2, 3))[:, None, :], "cells": pooled.flatten(2).transpose(1, 2)}
 
 
+def tiny_laplacian(dist, scale, radius, x, targets):
+    """-d / (s r): the Laplacian kernel (computed as the built-in one is), so the fakes need no built-in."""
+    return dist * (-1.0 / (scale * radius))
+
+
 class TinyOptions(BaseModel):
     model_config = ConfigDict(extra="forbid")
     size: int = 8
@@ -144,20 +152,23 @@ class _FakesPlugin:
         register("tiny-pixels", lambda o, c: PixelFeatures(), summary="channel means and pooled pixels",
                  requires=("latents",))
 
+    @hookimpl
+    def drpo_register_kernels(self, register):
+        register("tiny-laplacian", lambda o, c: tiny_laplacian, summary="-d/(s r), the test kernel")
+
 
 fakes_plugin = _FakesPlugin()
 
 
 def make_registry(*plugins: object) -> Registry:
-    """Built-in kernels and latent features, the fakes, and ``plugins``; nothing else installed."""
-    import drpo_kernels
-    import drpo_latent
-
-    return registry_from([drpo_kernels, drpo_latent, fakes_plugin, *plugins])
+    """The fakes and ``plugins``; nothing installed (no built-in plugin either)."""
+    return registry_from([fakes_plugin, *plugins])
 
 
 @pytest.fixture
 def isolated_registry() -> Iterator[Registry]:
+    """A registry of the fakes alone, set as the process-wide one for the test and restored after;
+    add plugins with ``isolated_registry.register_module(plugin)``."""
     previous = get_registry.__globals__["_default"]
     registry = make_registry()
     set_registry(registry)

@@ -1,4 +1,9 @@
-"""Shared test setup: no hub access, no installed third-party plugins, the drpo fixtures."""
+"""Shared test setup: no hub access, no installed third-party plugins, the drpo fixtures.
+
+``drpo_core.testing`` holds only the fakes; this repository's tests also get the built-in kernels and
+the ``latent`` feature space (the default kernel ``laplacian`` among them): through ``make_registry``
+below and the ``isolated_registry`` fixture, which extends ``drpo_core.testing``'s.
+"""
 
 import os
 
@@ -10,6 +15,21 @@ os.environ["TRANSFORMERS_OFFLINE"] = "1"
 os.environ.setdefault("DRPO_LOAD_PLUGINS", "")  # built-ins only, unless a test says otherwise
 
 pytest_plugins = ["drpo_core.testing"]
+
+
+def builtin_plugins() -> tuple[object, ...]:
+    """The built-in plugins every registry of these tests holds besides the fakes."""
+    import drpo_kernels
+    import drpo_latent
+
+    return (drpo_kernels, drpo_latent)
+
+
+def make_registry(*plugins: object):
+    """The built-in kernels and latent features, the fakes, and ``plugins``; nothing else installed."""
+    from drpo_core.testing import make_registry as fakes_registry
+
+    return fakes_registry(*builtin_plugins(), *plugins)
 
 
 def pytest_configure(config):
@@ -25,3 +45,12 @@ def tiny_dirs(tmp_path_factory):
     from drpo_diffusers.testing import build_tiny_pipelines
 
     return build_tiny_pipelines(tmp_path_factory.getbasetemp() / "drpo_diffusers_tiny")
+
+
+@pytest.fixture
+def isolated_registry(isolated_registry):
+    """``drpo_core.testing``'s fixture (the fakes, restored afterwards) plus the built-in kernels and
+    latent features."""
+    for plugin in builtin_plugins():
+        isolated_registry.register_module(plugin)
+    return isolated_registry

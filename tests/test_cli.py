@@ -71,7 +71,8 @@ def test_list_plugins_json(runner, isolated_registry):
     assert all(set(row) == JSON_KEYS for row in rows.values())
     assert rows["drpo_kernels"]["components"] == {"kernel": ["laplacian", "rbf", "cosine"]}
     assert rows["_FakesPlugin"]["components"] == {
-        "generator": ["tiny"], "ranker": ["tiny-brightness", "tiny-broken"], "feature": ["tiny-pixels"]}
+        "generator": ["tiny"], "ranker": ["tiny-brightness", "tiny-broken"], "feature": ["tiny-pixels"],
+        "kernel": ["tiny-laplacian"]}
     assert rows["drpo_kernels"]["state"] == "loaded" and rows["drpo_kernels"]["error"] is None
     assert rows["_FakesPlugin"]["summaries"]["generator tiny"] == "8x8 test generator"
     broken = rows["drpo_broken_thing"]

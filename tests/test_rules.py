@@ -1,8 +1,8 @@
-"""GenEval's rules (drpo_core.rules): count, colour, position, include/exclude logic."""
+"""GenEval's rules (drpo_geneval.rules): count, colour, position, include/exclude logic."""
 
 import pytest
 
-from drpo_core.rules import Detection, evaluate, keep_confident, relative_position
+from drpo_geneval.rules import Detection, evaluate, keep_confident, relative_position
 
 
 def det(score=1.0, box=(0, 0, 10, 10), color=None):

@@ -13,7 +13,7 @@ import torch
 from scipy import ndimage
 
 from drpo_core.errors import ComponentError
-from drpo_core.rules import evaluate
+from drpo_geneval.rules import evaluate
 from drpo_shapes import world
 from drpo_shapes.detect import detect, detect_array
 from drpo_shapes.rankers import ShapesCountingRanker

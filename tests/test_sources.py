@@ -1,8 +1,16 @@
-"""The online source without a generator: binary selection with a memory of correct samples, graded ties."""
+"""The online source without a generator: binary selection with a memory of correct samples, graded
+ties; and the data source's real images read from a JSONL list."""
 
+import json
+
+import numpy as np
+import pytest
 import torch
+from PIL import Image
 
-from drpo_core.sources import OnlineSource
+from drpo_core.errors import DrpoError
+from drpo_core.prompts import PromptRecord
+from drpo_core.sources import ImageFolderSampler, OnlineSource
 
 
 class _Visit:
@@ -125,3 +133,71 @@ def test_scores_keep_the_rankers_precision_and_wrong_counts_are_one_error():
         check_scores(torch.zeros(2, 2), 3, "r")
     with pytest.raises(ComponentError, match=r"ranker 'r' returned scores that are not numbers"):
         check_scores(["high", "low"], 2, "r")
+
+
+# -- ImageFolderSampler -----------------------------------------------------------------------------
+
+
+def _image(path, value: int, size=(6, 4)) -> str:
+    """A flat grey image of ``value`` (its identity once sampled: mean * 255), ``size`` (W, H)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(np.full((size[1], size[0], 3), value, dtype=np.uint8)).save(path)
+    return path.name
+
+
+@pytest.fixture
+def images_file(tmp_path):
+    """Cats 10, 20, 30 (two rows for one prompt), a dog 200, paths relative to the file's folder."""
+    for value in (10, 20, 30):
+        _image(tmp_path / "data" / "cats" / f"{value}.png", value)
+    _image(tmp_path / "data" / "dog.png", 200)
+    path = tmp_path / "data" / "images.jsonl"
+    rows = [{"prompt": "a cat", "images": ["cats/10.png", "cats/20.png"]}, {"prompt": "a dog", "images": "dog.png"},
+            {"prompt": "a cat", "images": ["cats/30.png"]}]
+    path.write_text(json.dumps(rows[0]) + "\n\n" + "".join(json.dumps(row) + "\n" for row in rows[1:]))
+    return path
+
+
+def _values(images: torch.Tensor) -> list[int]:
+    assert torch.equal(images, images[:, :1, :1, :1].expand_as(images))  # each image is flat
+    return (images[:, 0, 0, 0] * 255).round().int().tolist()
+
+
+def test_image_folder_samples_a_prompts_images_by_seed(images_file):
+    sampler = ImageFolderSampler(images_file, image_size=(8, 8))
+    cat = PromptRecord("a cat")
+    first = sampler.sample(cat, 6, seed=0)
+    assert first.shape == (6, 3, 8, 8) and first.dtype == torch.float32  # resized from 6x4
+    assert _values(first) == [30, 10, 30, 10, 20, 10]  # torch.randint under a generator seeded 0
+    assert torch.equal(sampler.sample(cat, 6, seed=0), first)  # the same seed, the same images
+    draws = {tuple(_values(sampler.sample(cat, 6, seed=seed))) for seed in range(8)}
+    assert len(draws) > 1 and set().union(*draws) == {10, 20, 30}  # the file's two rows, one pool
+    assert _values(sampler.sample(PromptRecord("a dog"), 2, seed=5)) == [200, 200]
+
+
+def test_image_folder_unknown_prompt_is_one_clear_error(images_file):
+    sampler = ImageFolderSampler(images_file, image_size=(8, 8))
+    with pytest.raises(DrpoError, match="^data source: no images for prompt 'a bird'$"):
+        sampler.sample(PromptRecord("a bird"), 2, seed=0)
+
+
+@pytest.mark.parametrize(
+    ("row", "message"),
+    [
+        ('{"prompt": "a bird"}', 'images.jsonl:5: missing "images" key'),
+        ('{"prompt": "a bird", "images": ["bird.png"]}', "images.jsonl:5: image not found: bird.png"),
+        ('{"prompt": "a bird", "images": [1]}', 'images.jsonl:5: "images" must be a path or a list of paths'),
+        ('{"prompt": ["a bird"], "images": []}', 'images.jsonl:5: "prompt" must be a string'),
+        ('{"prompt": "a bird", ', "images.jsonl:5: bad JSON"),
+    ],
+)
+def test_image_folder_bad_row_names_file_and_line(images_file, row, message):
+    images_file.write_text(images_file.read_text() + row + "\n")
+    with pytest.raises(DrpoError, match=message) as info:
+        ImageFolderSampler(images_file, image_size=(8, 8))
+    assert str(info.value).startswith(f"{images_file}:5: ")
+
+
+def test_image_folder_missing_file(tmp_path):
+    with pytest.raises(DrpoError, match="^source.path: data file not found: .*none.jsonl$"):
+        ImageFolderSampler(tmp_path / "none.jsonl", image_size=(8, 8))

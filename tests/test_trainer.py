@@ -7,6 +7,7 @@ import subprocess
 import sys
 import textwrap
 import time
+from importlib.metadata import version
 from pathlib import Path
 
 import numpy as np
@@ -20,9 +21,11 @@ from drpo_core.hookspecs import hookimpl
 from drpo_core.interfaces import Ranker
 from drpo_core.metrics import StepTimer, read_metrics
 from drpo_core.sources import Anchors
-from drpo_core.testing import BrightnessRanker, make_registry
+from drpo_core.testing import BrightnessRanker
 from drpo_core.trainer import Trainer
+from tests.conftest import make_registry
 
+PACKAGES = ("drpo", "torch", "diffusers", "transformers", "peft", "accelerate")  # run.json records their versions
 PROMPTS = ["a red apple", "a blue car", "a green tree", "a cat", "a dog", "a house", "the sea", "a bird"]
 
 
@@ -72,7 +75,7 @@ def test_run_writes_outputs_and_per_step_metrics(tmp_path):
     assert {"sample", "reference", "features", "rank", "drift", "backward", "optimizer"} <= set(first["time"])
     assert (run_dir / "config.yaml").read_text().startswith("seed: 3")
     info = json.loads((run_dir / "run.json").read_text())
-    assert info["packages"]["torch"] == torch.__version__.split("+")[0] or info["packages"]["torch"]
+    assert info["packages"] == {name: version(name) for name in PACKAGES}  # local tags (+cpu) included
     assert (run_dir / "checkpoints" / "latest").read_text().strip() == "step-000006"
     assert (run_dir / "grid-step000006.png").is_file() and (run_dir / "reward-curve.png").is_file()
     evals = [json.loads(line) for line in (run_dir / "eval.jsonl").read_text().splitlines()]
@@ -136,7 +139,7 @@ def test_offline_pairs_move_samples_toward_chosen(tmp_path):
 def test_offline_bad_rows_name_file_and_line(tmp_path):
     pairs = tmp_path / "pairs.jsonl"
     pairs.write_text(json.dumps({"prompt": "a cat", "chosen": "missing.png", "rejected": []}) + "\n")
-    with pytest.raises(Exception, match=r"pairs.jsonl:1: chosen image not found: missing.png"):
+    with pytest.raises(DrpoError, match=r"pairs.jsonl:1: chosen image not found: missing.png"):
         run(tiny_config(tmp_path, source={"kind": "offline", "path": str(pairs)}))
 
 
@@ -325,6 +328,7 @@ def test_tied_prompts_are_counted_in_the_metrics(tmp_path):
 
 SCRIPT = textwrap.dedent("""
     import os, sys, signal
+    import drpo_kernels, drpo_latent
     from drpo_core.hookspecs import hookimpl
     from drpo_core.registry import set_registry
     from drpo_core.testing import BrightnessRanker, make_registry
@@ -344,7 +348,7 @@ SCRIPT = textwrap.dedent("""
         def drpo_register_rankers(self, register):
             register("killing-brightness", lambda o, c: KillingBrightness())
 
-    set_registry(make_registry(Plugin()))
+    set_registry(make_registry(drpo_kernels, drpo_latent, Plugin()))
     from drpo_cli.main import app
     app(sys.argv[1:])
 """)

@@ -183,8 +183,11 @@ def export(run: Annotated[Path, typer.Argument(help="Run directory.")],
 
 
 def _last_eval(run: Path) -> dict[str, Any]:
-    lines = (run / "eval.jsonl").read_text().splitlines() if (run / "eval.jsonl").is_file() else []
-    return json.loads(lines[-1]) if lines else {}
+    from drpo_core.jsonl import read_jsonl
+
+    log = run / "eval.jsonl"
+    records = read_jsonl(log, what="evaluation log", skip_torn=True) if log.is_file() else []
+    return records[-1][1] if records else {}
 
 
 @app.command("list-plugins")

@@ -20,7 +20,7 @@ from __future__ import annotations
 import numpy as np
 from scipy import ndimage
 
-from drpo_core.rules import Detection
+from drpo_geneval.rules import Detection
 from drpo_shapes.world import COLORS
 
 CHROMA_MIN = 0.22  # ~40% object coverage of the weakest (green) colour

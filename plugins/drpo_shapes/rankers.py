@@ -1,4 +1,4 @@
-"""GenEval-style rankers for the toy world: the programmatic detector plus ``drpo_core.rules``."""
+"""GenEval-style rankers for the toy world: the programmatic detector plus ``drpo_geneval.rules``."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import torch
 
 from drpo_core.errors import ComponentError
 from drpo_core.interfaces import Ranker
-from drpo_core.rules import evaluate
+from drpo_geneval.rules import evaluate
 from drpo_shapes.detect import detect
 from drpo_shapes.world import parse_prompt, prompt_metadata
 
