@@ -171,6 +171,8 @@ def ranker_list(value: Any) -> Any:
     """``rankers: pickscore`` or a list of names / mappings -> a list of mappings."""
     if isinstance(value, (str, dict)):
         value = [value]
+    if not isinstance(value, list):
+        return value  # validation names the problem
     return [{"name": v} if isinstance(v, str) else v for v in value]
 
 
@@ -308,29 +310,50 @@ def parse_assignment(text: str) -> tuple[str, Any]:
 
 
 def set_dotted(data: dict[str, Any], dotted: str, value: Any) -> None:
-    *parents, leaf = dotted.split(".")
+    """Set ``data[a][b]...`` for ``"a.b...."``; list entries are addressed by index (``rankers.0.weight``),
+    and the index one past the end adds an entry. A path that cannot exist is one ``ConfigError``."""
+    parts = dotted.split(".")
     node: Any = data
-    for part in parents:
-        if isinstance(node, list) and part.isdigit():
-            node = node[int(part)]
-            continue
-        if isinstance(node.get(part), str) and part in (*COMPONENT_SECTIONS, "rankers"):
-            node[part] = {"name": node[part]}  # "generator: shapes" grows into a mapping
-        node = node.setdefault(part, {})
-        if not isinstance(node, (dict, list)):
-            raise ConfigError(f"--set {dotted}: {part!r} is not a section")
-    if isinstance(node, list) and leaf.isdigit():
-        node[int(leaf)] = value
-    else:
-        node[leaf] = value
+    for depth, part in enumerate(parts):
+        last = depth == len(parts) - 1
+        where = ".".join(parts[:depth])
+        if isinstance(node, list):
+            if not part.isdigit():
+                raise ConfigError(f"--set {dotted}: {where} is a list: address an entry by index, e.g. {where}.0")
+            index = int(part)
+            if index > len(node):
+                raise ConfigError(f"--set {dotted}: {where} has {len(node)} entries (index {len(node)} adds one)")
+            if index == len(node):
+                node.append({})
+            key: Any = index
+        elif isinstance(node, dict):
+            key = part
+        else:
+            raise ConfigError(f"--set {dotted}: {where} is not a section (it holds {node!r})")
+        if last:
+            node[key] = value
+            return
+        child = node[key] if (isinstance(node, list) or key in node) else None
+        if key in COMPONENT_SECTIONS and isinstance(child, str):
+            child = {"name": child}  # "generator: shapes" grows into a mapping
+        elif key == "rankers" and isinstance(node, dict):
+            child = ranker_list(child) if child is not None else []
+        elif child is None:
+            child = [] if parts[depth + 1].isdigit() else {}
+        node[key] = child
+        node = child
 
 
 def _flatten(data: Any, prefix: str = "") -> dict[str, Any]:
+    """``{"a": {"b": 1}, "rankers": [{"name": "x"}]}`` -> ``{"a.b": 1, "rankers.0.name": "x"}`` (lists of
+    sections are entered, lists of values are leaves)."""
     if isinstance(data, dict) and data:
         out: dict[str, Any] = {}
         for key, value in data.items():
             out.update(_flatten(value, f"{prefix}{key}."))
         return out
+    if isinstance(data, list) and data and all(isinstance(item, dict) for item in data):
+        return {k: v for i, item in enumerate(data) for k, v in _flatten(item, f"{prefix}{i}.").items()}
     return {prefix[:-1]: data}
 
 
@@ -470,7 +493,7 @@ def resolve_config(
         layers.append(("--set", set_layer))
     origins: dict[str, str] = {}
     for origin, layer in layers:
-        origins.update({key: origin for key in _flatten(layer)})
+        origins.update({key: origin for key in _flatten(_sections(layer))})
 
     recommended, rec_origins, conflicts, specs = _recommendations(user, origins, registry)
     merged = _deep_merge(recommended, user)
@@ -483,6 +506,17 @@ def resolve_config(
     _validate_components(resolved, registry)
     _check_feasible(resolved)
     return resolved
+
+
+def _sections(layer: dict[str, Any]) -> dict[str, Any]:
+    """A layer with component shorthands (``features: latent``, ``rankers: [x]``) written as sections."""
+    out = dict(layer)
+    for key in COMPONENT_SECTIONS:
+        if isinstance(out.get(key), str):
+            out[key] = {"name": out[key]}
+    if isinstance(out.get("rankers"), (str, dict, list)):
+        out["rankers"] = ranker_list(out["rankers"])
+    return out
 
 
 def _read_text(path: Path) -> str:

@@ -124,7 +124,7 @@ def test_ranker_flag_replaces_the_list(isolated_registry, write):
     recipe = write(COMPONENTS.replace("[tiny-brightness]", "[tiny-brightness, tiny-broken]"))
     resolved = resolve_config(recipe, flags={"rankers": "tiny-broken"})
     assert [r.name for r in resolved.config.rankers] == ["tiny-broken"]
-    assert resolved.origins["rankers"] == "--ranker"
+    assert resolved.origins["rankers.0.name"] == "--ranker"
 
 
 def test_resolved_yaml_round_trips(isolated_registry, write):
@@ -219,7 +219,7 @@ def test_plugin_options_are_validated_naming_the_plugin_key(isolated_registry, w
 
 def test_plugin_option_wrong_value_names_the_ranker_index(isolated_registry, write):
     recipe = write(COMPONENTS.replace("[tiny-brightness]", "[tiny-brightness, {name: tiny-broken, mode: 7}]"))
-    assert error_of(recipe).startswith("rankers.1.mode: Input should be 'nan', 'wrong-count' or 'raise'")
+    assert error_of(recipe).startswith(f"{recipe}: rankers.1.mode: Input should be 'nan', 'wrong-count' or 'raise'")
 
 
 def test_top_level_must_be_a_mapping(isolated_registry, write):

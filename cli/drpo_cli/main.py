@@ -114,7 +114,7 @@ def config_show(config: ConfigOpt = None, generator: GeneratorOpt = None, ranker
         console.print("recommendations that disagreed (the more specific wins: pair, generator, features, "
                       "rankers, kernel):")
         for conflict in resolved.conflicts:
-            console.print(f"  {conflict}", markup=False)
+            typer.echo(f"  {conflict}")
 
 
 @config_app.command("validate")
