@@ -98,6 +98,7 @@ class Trainer:
                  command_line: Sequence[str] | None = None, console: Console | None = None,
                  data_sampler: DataSampler | None = None):
         from accelerate import Accelerator
+        from accelerate.utils import set_seed
 
         self.resolved, self.cfg = resolved, resolved.config
         self.registry = registry or get_registry()
@@ -113,6 +114,8 @@ class Trainer:
         self.k = self.cfg.selection.candidates
         self._shuffle_rng = torch.Generator().manual_seed(self.cfg.seed)  # selection.shuffle_scores only
         self._last_failure = ""  # the latest failed prompt's reason, for the stop message
+        # every random draw a component makes while it is built (LoRA's initial A matrices, say) follows the run seed
+        set_seed(self.cfg.seed)
         self._build_components()
         self._build_prompts()
         self.source = self._build_source(data_sampler)
