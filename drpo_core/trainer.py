@@ -250,7 +250,8 @@ class Trainer:
         per_ranker = []
         for name, ranker, _ in self.rankers:
             try:
-                raw = ranker.score(images, prompts, metadata)
+                with torch.no_grad():  # a ranker is a black box, never part of the graph
+                    raw = ranker.score(images, prompts, metadata)
             except (ComponentError, DrpoError):
                 raise
             except Exception as error:
