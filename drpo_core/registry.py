@@ -295,12 +295,20 @@ class Registry:
             except Exception as error:
                 self._mark_broken(info, error, append=False)
                 continue
-            info.components += [("command", name) for name in sorted(_command_names(cli) - before)]
+            added = _command_names(cli)
+            for name in sorted(set(added) - set(before)):
+                info.components.append(("command", name))
+                info.summaries[f"command {name}"] = added[name]
 
 
-def _command_names(cli: Any) -> set[str]:
-    commands = {c.name or c.callback.__name__.replace("_", "-") for c in cli.registered_commands}
-    return commands | {group.name for group in cli.registered_groups}
+def _command_names(cli: Any) -> dict[str, str]:
+    """Every command and sub-app of a Typer app, with the first line of its help."""
+    def first_line(text: Any) -> str:
+        return str(text or "").strip().split("\n")[0]
+
+    names = {c.name or c.callback.__name__.replace("_", "-"): first_line(c.help or (c.callback.__doc__ or ""))
+             for c in cli.registered_commands}
+    return names | {g.name: first_line(g.help or g.typer_instance.info.help) for g in cli.registered_groups}
 
 
 def _check_built(spec: ComponentSpec, component: Any) -> None:

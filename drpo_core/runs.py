@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 
 from drpo_core.checkpoint import assign_parameters, load_checkpoint, resolve_checkpoint, split_trainable
-from drpo_core.config import ResolvedConfig, parse_assignment, read_yaml, resolve_config
+from drpo_core.config import ResolvedConfig, parse_assignment, read_yaml, resolve_config, set_dotted
 from drpo_core.context import BuildContext
 from drpo_core.errors import ConfigError, DrpoError
 from drpo_core.jsonl import read_jsonl
@@ -22,29 +22,34 @@ from drpo_core.registry import get_registry
 from drpo_core.sources import load_image
 
 
-def load_generator(run_dir: str | Path | None = None, config: ResolvedConfig | None = None,
-                   checkpoint: str = "latest", device: str = "cpu") -> tuple[ResolvedConfig, Any]:
-    """The run's generator with its trained weights (or a config's untrained generator).
+def load_generator(run_dir: str | Path, checkpoint: str = "latest", device: str = "cpu") -> tuple[ResolvedConfig, Any]:
+    """A run's config and its generator with the trained weights of ``checkpoint``.
 
     A run that kept an EMA (``train.ema_decay``) gives the EMA weights, the ones its evaluation used.
     """
-    registry = get_registry()
-    if run_dir is not None:
-        run_dir = Path(run_dir)
-        path = resolve_checkpoint(run_dir, checkpoint)
-        config = resolve_config(base=read_yaml(path / "config.yaml"), base_origin=str(path / "config.yaml"))
-    if config is None:
-        raise DrpoError("give a run directory (--run) or a generator (--generator)")
+    path = resolve_checkpoint(Path(run_dir), checkpoint)
+    config = resolve_config(base=read_yaml(path / "config.yaml"), base_origin=str(path / "config.yaml"))
     cfg = config.config
     context = BuildContext(device=device, mixed_precision=cfg.train.mixed_precision, seed=cfg.seed,
                            config_dir=config.config_dir)
-    generator = registry.build("generator", cfg.generator.name, config.options["generator"], context, "generator")
-    if run_dir is not None:
-        weights, ema, _ = split_trainable(load_checkpoint(path).trainable)
-        generator.load_trainable_state_dict(weights)
-        if ema:
-            assign_parameters(generator.trainable_parameters(), ema)
+    generator = get_registry().build("generator", cfg.generator.name, config.options["generator"], context,
+                                     "generator")
+    weights, ema, _ = split_trainable(load_checkpoint(path).trainable)
+    generator.load_trainable_state_dict(weights)
+    if ema:
+        assign_parameters(generator.trainable_parameters(), ema)
     return config, generator
+
+
+def base_generator(reference: str, assignments: list[str], device: str = "cpu") -> Any:
+    """A generator built from its name and ``--set generator.KEY=VALUE`` options, untrained."""
+    options: dict[str, Any] = {}
+    for line in assignments:
+        key, value = parse_assignment(line)
+        if not key.startswith("generator."):
+            raise ConfigError(f"--set {key}: without a run, only generator.* options apply")
+        set_dotted(options, key.removeprefix("generator."), value)
+    return get_registry().build("generator", reference, options, BuildContext(device=device), "generator")
 
 
 def sample_images(generator: Any, records: Sequence[PromptRecord], seeds: Sequence[int], out_dir: Path,

@@ -134,14 +134,14 @@ def sample(prompts: Annotated[Path, typer.Option("--prompts", help="Prompt file 
            seeds: Annotated[str, typer.Option(help="Seeds: 42-46 or 1,5,9.")] = "42-46",
            device: Annotated[str, typer.Option(help="cpu, cuda, cuda:N.")] = "cpu"):
     """Generate images for prompts x seeds, with a manifest that `drpo eval` reads."""
-    from drpo_core.config import parse_seeds
+    from drpo_core.config import parse_seeds, read_yaml
     from drpo_core.prompts import load_prompts
-    from drpo_core.runs import load_generator, sample_images
+    from drpo_core.runs import base_generator, load_generator, sample_images
 
-    resolved = None
-    if run is None:
-        resolved = _resolve(None, generator, None, None, None, assignments, None)
-    _, model = load_generator(run, resolved, device=device)
+    if run is None:  # the base generator alone: the embedded default's unless --generator names one
+        model = base_generator(generator or read_yaml(DEFAULT_RECIPE)["generator"], assignments or [], device)
+    else:
+        _, model = load_generator(run, device=device)
     try:
         seed_list = parse_seeds(seeds)
     except ValueError as error:
