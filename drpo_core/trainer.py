@@ -125,8 +125,7 @@ class Trainer:
         self.features = self.features.to(self.device)
         self.rankers = [(r.name, build("ranker", r.name, r.options, context, f"rankers.{i}"), r.weight)
                         for i, r in enumerate(cfg.rankers)]
-        self.eval_rankers = [(r.name, build("ranker", r.name, r.options, context, f"eval.rankers.{i}"), r.weight)
-                             for i, r in enumerate(cfg.eval.rankers)]
+        self._context = context  # the secondary rankers (eval.rankers) are built by each evaluation
         kernel = build("kernel", cfg.kernel.name, cfg.kernel.options, context, "kernel")
         drift = cfg.drift
         self.estimator = DriftEstimator(
@@ -148,6 +147,10 @@ class Trainer:
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, self._lr_factor)
         self.optimizer, self.scheduler = self.accelerator.prepare(optimizer, scheduler)
         self.ema = [p.detach().clone() for p in params] if cfg.train.ema_decay else None
+
+    def _build_eval_rankers(self) -> list[tuple[str, Any]]:
+        return [(r.name, self.registry.build("ranker", r.name, r.options, self._context, f"eval.rankers.{i}"))
+                for i, r in enumerate(self.cfg.eval.rankers)]
 
     def _build_source(self, data_sampler: DataSampler | None):
         cfg = self.cfg
@@ -341,7 +344,9 @@ class Trainer:
             self._write_run_info()
         self.metrics = MetricsLog(self.run_dir / "metrics.jsonl", resume_lines=self._metrics_lines)
         self.timer = StepTimer()
-        self.evaluator = Evaluator(self)
+        self.evaluator = Evaluator(self.generator, self.featurise, [(n, r) for n, r, _ in self.rankers],
+                                   self._build_eval_rankers, self.eval_prompts, cfg.eval, self.run_dir,
+                                   self.console, self.accelerator.autocast)
         failures: deque[int] = deque(maxlen=cfg.train.failure_window)
         self._stop_signal: str | None = None
         previous = {sig: signal.signal(sig, self._on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
