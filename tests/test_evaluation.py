@@ -221,3 +221,42 @@ def test_evaluation_frees_the_secondary_rankers_when_it_fails(tmp_path):
     gc.collect()
     assert len(built) == 1 and built[0]() is None
 
+
+# -- which prompts are evaluated --------------------------------------------------------------
+
+
+def _trainer(tmp_path, **prompts) -> Trainer:
+    registry = make_registry()
+    config = tiny_config(tmp_path, prompts=prompts)
+    return Trainer(resolve_config(base=config, registry=registry), registry=registry)
+
+
+def test_eval_count_takes_a_seeded_subset_of_an_eval_file(tmp_path):
+    from drpo_core.prompts import EVAL_SUBSET_COUNT, subset_prompts
+
+    eval_file = tmp_path / "test.txt"
+    eval_file.write_text("".join(f"held-out prompt {i}\n" for i in range(100)))
+    records = [PromptRecord(f"held-out prompt {i}") for i in range(100)]
+    default = _trainer(tmp_path / "a", eval_path=str(eval_file), eval_count="auto")
+    assert EVAL_SUBSET_COUNT == 64 and len(default.eval_prompts) == 64
+    assert default.eval_prompts == subset_prompts(records, 64, seed=3)  # the run's seed
+    assert any("64 held out (a subset of the 100" in line for line in default.plan())
+    assert len(default.train_prompts) == 8  # with an eval file, every prompt of path trains
+    assert len(_trainer(tmp_path / "b", eval_path=str(eval_file), eval_count=5).eval_prompts) == 5
+    every = _trainer(tmp_path / "c", eval_path=str(eval_file), eval_count="all")
+    assert every.eval_prompts == records
+    assert not any("subset" in line for line in every.plan())
+
+
+def test_eval_count_split_from_path_by_default_and_all_needs_a_file(tmp_path):
+    from drpo_core.errors import ConfigError
+    from drpo_core.prompts import EVAL_SPLIT_COUNT
+
+    prompts = tmp_path / "many.txt"
+    prompts.write_text("".join(f"prompt {i}\n" for i in range(30)))
+    trainer = _trainer(tmp_path / "a", path=str(prompts), eval_count="auto")
+    assert EVAL_SPLIT_COUNT == 8 and len(trainer.eval_prompts) == 8 and len(trainer.train_prompts) == 22
+    with pytest.raises(ConfigError, match="eval_count: all needs prompts.eval_path"):
+        _trainer(tmp_path / "b", eval_count="all")
+    with pytest.raises(ConfigError, match=r"prompts.eval_count: must be a non-negative integer, auto or all, got 'x'"):
+        _trainer(tmp_path / "c", eval_count="x")
