@@ -31,6 +31,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from drpo_core.context import LOCAL_PATH
 from drpo_core.errors import ConfigError, DrpoError
+from drpo_core.prompts import EVAL_SPLIT_COUNT, EVAL_SUBSET_COUNT
 from drpo_core.registry import ComponentSpec, Registry, get_registry, split_reference
 from drpo_core.validation import describe
 
@@ -106,8 +107,26 @@ class PromptsConfig(_Strict):
     path: str | None = Field(None, description="prompt file (.txt, GenEval .jsonl, Parti .tsv) or pkg://")
     format: Literal["auto", "text", "geneval", "parti"] = "auto"
     eval_path: str | None = Field(None, description="held-out prompts; default: split from path")
-    eval_count: int = Field(8, ge=0)
+    eval_count: int | Literal["auto", "all"] = Field(
+        "auto", description="held-out prompts evaluated. With eval_path: a seeded subset of that many distinct "
+        f"prompts of the file, in file order (auto: {EVAL_SUBSET_COUNT}; all: the whole file); without: that "
+        f"many distinct prompts split from path, never trained on (auto: {EVAL_SPLIT_COUNT})")
     shuffle: bool = True
+
+    @field_validator("eval_count", mode="before")
+    @classmethod
+    def _count(cls, value: Any) -> Any:
+        bad_text = isinstance(value, str) and value not in ("auto", "all") and not value.strip().isdigit()
+        if bad_text or isinstance(value, bool) or (isinstance(value, int) and value < 0):
+            raise ValueError(f"must be a non-negative integer, auto or all, got {value!r}")
+        return value
+
+    @model_validator(mode="after")
+    def _all_needs_a_file(self) -> PromptsConfig:
+        if self.eval_count == "all" and self.eval_path is None:
+            raise ValueError("eval_count: all needs prompts.eval_path (held out from path, every prompt "
+                             "would leave none to train on)")
+        return self
 
 
 class TrainConfig(_Strict):

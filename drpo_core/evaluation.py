@@ -4,166 +4,256 @@ Reports each ranker's mean score (per group too, when a ranker defines ``groups(
 diversity among a prompt's samples and the distance to the base generator (reward-hacking
 signals), and writes an image grid (base row above current row, pass/fail borders for binary
 rankers) and the reward curve as PNGs in the run directory.
+
+Evaluation streams: it generates a batch of whole prompts (every seed of a prompt together), the
+current generator and the frozen base on the same noise, scores the batch with every ranker and
+keeps only what the metrics need (one float per sample and ranker, one distance per sample, one
+diversity per prompt, running sums, and the few images of the grid). The base's scores and
+diversity are kept after the first evaluation, since the base never changes. The secondary rankers
+(``eval.rankers``) are built at the start of each evaluation and released at its end, so they do not
+sit beside the training rankers on the accelerator. Evaluation leaves the global random number
+generators as it found them.
 """
 
 from __future__ import annotations
 
+import gc
+import random
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import AbstractContextManager, contextmanager, nullcontext
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 from PIL import Image, ImageDraw
+from rich.console import Console
 from rich.table import Table
 
+from drpo_core.errors import ComponentError
 from drpo_core.jsonl import read_jsonl
 from drpo_core.noise import sample_noise
 
 if TYPE_CHECKING:
-    from drpo_core.trainer import Trainer
+    from drpo_core.config import EvalConfig
+    from drpo_core.interfaces import Generator, Ranker
+    from drpo_core.prompts import PromptRecord
 
+#: samples through the generator and the rankers at once; the prompts whose seeds fit in it are measured
+#: together (a prompt with more seeds alone, in several chunks)
 EVAL_BATCH = 64
+#: seeds per prompt shown in the grid
+GRID_SEEDS = 8
+
+Rankers = Sequence[tuple[str, "Ranker"]]
+
+
+@dataclass
+class Measurement:
+    """One evaluation's record (what ``eval.jsonl`` gets) and the images and scores of its grid."""
+
+    record: dict[str, Any]
+    #: per grid prompt, its first seeds' images ``(base, current)``, each ``(seeds, 3, H, W)`` on the CPU
+    grid: list[tuple[torch.Tensor, torch.Tensor]]
+    #: the first ranker's scores of those images ``(base, current)``
+    grid_scores: list[tuple[torch.Tensor, torch.Tensor]]
+
+
+@dataclass
+class _Base:
+    """What the first evaluation learns about the frozen base: per-sample scores, per-prompt diversity."""
+
+    scores: dict[str, torch.Tensor]
+    diversity: float
+
+
+#: ``featurise(latents, prompts, noise) -> {key: (B, T, D)}``, without grad
+Featurise = Callable[[torch.Tensor, Sequence[str], torch.Tensor | None], dict[str, torch.Tensor]]
 
 
 class Evaluator:
-    def __init__(self, trainer: Trainer):
-        self.trainer = trainer
-        self.cfg = trainer.cfg.eval
-        self.base: dict[str, Any] | None = None
+    """Evaluates a generator on held-out prompts; built by the trainer with what it needs:
+
+    * ``generator``: the trained generator (``sample``, ``reference`` on the same noise, ``decode``);
+    * ``featurise(latents, prompts, noise) -> {key: (B, T, D)}``: the run's feature function (diversity
+      and distance);
+    * ``rankers``: the training rankers ``[(name, ranker)]``, the first one primary (early stopping,
+      grid borders, reward curve);
+    * ``build_eval_rankers() -> [(name, ranker)]``: builds the secondary rankers, once per evaluation;
+    * ``prompts``: the held-out prompts; ``config``: the run's ``eval`` section;
+    * ``run_dir`` for the PNGs, ``console`` for the table and messages, ``autocast``: a factory of the
+      mixed-precision context (``accelerator.autocast``) entered around generation.
+    """
+
+    def __init__(self, generator: Generator, featurise: Featurise,
+                 rankers: Rankers, build_eval_rankers: Callable[[], Rankers],
+                 prompts: Sequence[PromptRecord], config: EvalConfig, run_dir: str | Path,
+                 console: Console | None = None,
+                 autocast: Callable[[], AbstractContextManager[Any]] = nullcontext):
+        if not rankers:
+            raise ValueError("evaluation needs at least one ranker")
+        self.generator, self.featurise, self.autocast = generator, featurise, autocast
+        self.rankers, self.build_eval_rankers = list(rankers), build_eval_rankers
+        self.prompts, self.cfg = list(prompts), config
+        self.run_dir, self.console = Path(run_dir), console or Console()
+        self.base: _Base | None = None
         self.best, self.evals_without_gain = -float("inf"), 0
+        self.history: list[tuple[int, float]] = []  # (step, primary score)
 
-    def _noise(self) -> torch.Tensor:
-        shape = self.trainer.generator.noise_shape
-        return torch.stack([sample_noise(shape, i, seed)
-                            for i in range(len(self.trainer.eval_prompts)) for seed in self.cfg.seeds])
+    # -- measuring ----------------------------------------------------------------------------
 
-    def _generate(self, reference: bool) -> tuple[torch.Tensor, torch.Tensor]:
-        """Latents and images of every (held-out prompt, seed), in batches, without grad."""
-        t = self.trainer
-        prompts = [r.text for r in t.eval_prompts for _ in self.cfg.seeds]
-        noise, latents, images = self._noise(), [], []
-        t.generator.train(False)
-        with torch.no_grad(), t.accelerator.autocast():
-            for start in range(0, len(prompts), EVAL_BATCH):
-                batch_noise = noise[start:start + EVAL_BATCH].to(t.device)
-                sample = t.generator.reference if reference else t.generator.sample
-                x = sample(prompts[start:start + EVAL_BATCH], batch_noise).float()
-                latents.append(x.cpu())
-                images.append(t.generator.decode(x).float().clamp(0, 1).cpu())
-        t.generator.train(True)
-        return torch.cat(latents), torch.cat(images)
+    def measure(self) -> Measurement:
+        """Build the secondary rankers, stream the evaluation, release them; the RNGs are left untouched."""
+        with _rng_untouched():
+            eval_rankers = list(self.build_eval_rankers())
+            built = bool(eval_rankers)
+            try:
+                return self._stream([*self.rankers, *eval_rankers])
+            finally:
+                del eval_rankers  # the last reference: the rankers go now, not at the next evaluation
+                _release_memory(collect=built)
 
-    def _measure(self, latents: torch.Tensor, images: torch.Tensor) -> dict[str, Any]:
-        t = self.trainer
-        records = [r for r in t.eval_prompts for _ in self.cfg.seeds]
-        out: dict[str, Any] = {}
-        for name, ranker, _ in [*t.rankers, *t.eval_rankers]:
-            scores = torch.cat([
-                torch.as_tensor(ranker.score(images[s:s + EVAL_BATCH], [r.text for r in records[s:s + EVAL_BATCH]],
-                                             [r.metadata for r in records[s:s + EVAL_BATCH]]), dtype=torch.float32)
-                for s in range(0, len(records), EVAL_BATCH)
-            ])
-            out[f"score/{name}"] = float(scores.mean())
-            out[f"scores/{name}"] = scores
-            if hasattr(ranker, "groups"):
-                groups: dict[str, list[float]] = {}
-                for record, value in zip(records, scores.tolist(), strict=True):
-                    for group in ranker.groups(record):
-                        groups.setdefault(group, []).append(value)
-                out.update({f"score/{name}/{g}": float(np.mean(v)) for g, v in sorted(groups.items())})
-        out["features"] = self._pooled_features(latents)
-        out["diversity"] = self._diversity(out["features"])
-        return out
+    def _stream(self, rankers: Rankers) -> Measurement:
+        seeds, prompts, gen = list(self.cfg.seeds), self.prompts, self.generator
+        n_seeds, first = len(seeds), self.base is None
+        grid_prompts, grid_seeds = min(self.cfg.grid_prompts, len(prompts)), min(n_seeds, GRID_SEEDS)
+        scores: dict[str, list[torch.Tensor]] = {name: [] for name, _ in rankers}
+        base_scores: dict[str, list[torch.Tensor]] = {name: [] for name, _ in rankers}
+        diversity: list[torch.Tensor] = []
+        base_diversity: list[torch.Tensor] = []
+        distances: list[torch.Tensor] = []
+        squares, pixels = 0.0, 0
+        grid: list[tuple[list[torch.Tensor], list[torch.Tensor]]] = [([], []) for _ in range(grid_prompts)]
+        gen.train(False)
+        try:
+            for group in _prompt_groups(len(prompts), n_seeds):
+                pooled: list[torch.Tensor] = []
+                base_pooled: list[torch.Tensor] = []
+                for chunk in _chunks([(p, s) for p in group for s in range(n_seeds)]):
+                    texts = [prompts[p].text for p, _ in chunk]
+                    metadata = [prompts[p].metadata for p, _ in chunk]
+                    noise = torch.stack([sample_noise(gen.noise_shape, p, seeds[s]) for p, s in chunk])
+                    with torch.no_grad():
+                        latents, images = self._generate(gen.sample, texts, noise.to(gen.device))
+                        base_latents, base_images = self._generate(gen.reference, texts, noise.to(gen.device))
+                        for name, ranker in rankers:
+                            scores[name].append(_score(name, ranker, images, texts, metadata))
+                            if first:
+                                base_scores[name].append(_score(name, ranker, base_images, texts, metadata))
+                        squares += float((images - base_images).double().pow(2).sum())
+                        pixels += images.numel()
+                        for i, (p, s) in enumerate(chunk):
+                            if p < grid_prompts and s < grid_seeds:
+                                grid[p][0].append(base_images[i].cpu())
+                                grid[p][1].append(images[i].cpu())
+                        del images, base_images
+                        pooled.append(self._pooled(latents, texts, noise))
+                        base_pooled.append(self._pooled(base_latents, texts, noise))
+                        del latents, base_latents
+                # every seed of the group's prompts is in: their distances and diversity, then drop them
+                features, base_features = torch.cat(pooled), torch.cat(base_pooled)
+                del pooled, base_pooled
+                distances.append((features - base_features).norm(dim=1).cpu())
+                diversity.append(_diversity_sums(features, len(group)))
+                if first:
+                    base_diversity.append(_diversity_sums(base_features, len(group)))
+                del features, base_features
+        finally:
+            gen.train(True)
+        if first:
+            self.base = _Base({name: torch.cat(s) for name, s in base_scores.items()},
+                              _diversity(base_diversity, n_seeds))
+        assert self.base is not None
+        now = {name: torch.cat(s) for name, s in scores.items()}
+        record: dict[str, Any] = {"samples": len(prompts) * n_seeds}
+        sample_records = [r for r in prompts for _ in seeds]
+        for name, ranker in rankers:
+            record[f"score/{name}"] = float(now[name].mean())
+            record[f"base_score/{name}"] = float(self.base.scores[name].mean())
+            for key, base_value, value in _group_means(ranker, sample_records, self.base.scores[name], now[name]):
+                record[f"score/{name}/{key}"] = value
+                record[f"base_score/{name}/{key}"] = base_value
+        record["diversity"] = _diversity(diversity, n_seeds)
+        record["diversity_ratio"] = record["diversity"] / max(self.base.diversity, 1e-12)
+        record["pixel_rms_to_base"] = float(np.sqrt(squares / max(pixels, 1)))
+        record["feature_distance_to_base"] = float(torch.cat(distances).mean())
+        primary = self.rankers[0][0]
+        shown = [slice(p * n_seeds, p * n_seeds + grid_seeds) for p in range(grid_prompts)]
+        return Measurement(record, [(torch.stack(base), torch.stack(current)) for base, current in grid],
+                           [(self.base.scores[primary][i], now[primary][i]) for i in shown])
 
-    def _pooled_features(self, latents: torch.Tensor) -> torch.Tensor:
+    def _generate(self, sample: Callable[..., torch.Tensor], texts: list[str],
+                  noise: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        with self.autocast():
+            latents = sample(texts, noise).float()
+            return latents, self.generator.decode(latents).float().clamp(0, 1)
+
+    def _pooled(self, latents: torch.Tensor, prompts: list[str], noise: torch.Tensor) -> torch.Tensor:
         """One flat feature vector per sample: every key's particles, concatenated."""
-        t = self.trainer
-        chunks = []
-        with torch.no_grad():
-            for start in range(0, len(latents), EVAL_BATCH):
-                rows = [r.text for r in t.eval_prompts for _ in self.cfg.seeds][start:start + EVAL_BATCH]
-                feats = t.featurise(latents[start:start + EVAL_BATCH].to(t.device), rows)
-                chunks.append(torch.cat([v.flatten(1) for _, v in sorted(feats.items())], dim=1).cpu())
-        return torch.cat(chunks)
+        features = self.featurise(latents, prompts, noise.to(latents.device))
+        return torch.cat([v.flatten(1) for _, v in sorted(features.items())], dim=1)
 
-    def _diversity(self, features: torch.Tensor) -> float:
-        """Mean pairwise feature distance among each prompt's samples, averaged over prompts."""
-        per_prompt = features.reshape(len(self.trainer.eval_prompts), len(self.cfg.seeds), -1)
-        if per_prompt.shape[1] < 2:
-            return float("nan")
-        d = torch.cdist(per_prompt, per_prompt)
-        n = per_prompt.shape[1]
-        return float(d.sum(dim=(1, 2)).mean() / (n * (n - 1)))
+    # -- one evaluation -------------------------------------------------------------------------
 
-    def run(self, step: int, log, final: bool = False) -> Any:
-        t = self.trainer
-        if not t.eval_prompts:
+    def run(self, step: int, log: Callable[[dict[str, Any]], None], final: bool = False) -> Any:
+        """Measure, log the record, write the grid; at the end also the curve and the table, and return
+        the record; in between, return ``"stop"`` when early stopping says so."""
+        if not self.prompts:
             return None
-        if self.base is None:
-            base_latents, base_images = self._generate(reference=True)
-            self.base = {"images": base_images, **self._measure(base_latents, base_images)}
-        latents, images = self._generate(reference=False)
-        now = self._measure(latents, images)
-        record: dict[str, Any] = {"step": step, "samples": len(images)}
-        for key, value in now.items():
-            if key.startswith("score/"):
-                record[key] = value
-                record[f"base_{key}"] = self.base[key]
-        record["diversity"] = now["diversity"]
-        record["diversity_ratio"] = now["diversity"] / max(self.base["diversity"], 1e-12)
-        record["pixel_rms_to_base"] = float((images - self.base["images"]).pow(2).mean().sqrt())
-        record["feature_distance_to_base"] = float((now["features"] - self.base["features"]).norm(dim=1).mean())
+        measurement = self.measure()
+        record = {"step": step, **measurement.record}
         log(record)
-        self._grid(step, images, now)
-        primary = record[f"score/{t.rankers[0][0]}"]
+        self._grid(step, measurement)
+        primary = record[f"score/{self.rankers[0][0]}"]
+        self.history.append((step, primary))
         if final:
             self._curve()
             self._table(record)
-            return {k: v for k, v in record.items() if not k.startswith("scores/")}
+            return record
         if self.cfg.early_stopping_patience and step > 0:
             if primary > self.best:
                 self.best, self.evals_without_gain = primary, 0
             else:
                 self.evals_without_gain += 1
                 if self.evals_without_gain >= self.cfg.early_stopping_patience:
-                    t.console.print(f"early stopping at step {step}: no held-out gain in "
-                                    f"{self.evals_without_gain} evaluations")
+                    self.console.print(f"early stopping at step {step}: no held-out gain in "
+                                       f"{self.evals_without_gain} evaluations")
                     return "stop"
         return None
 
-    def _grid(self, step: int, images: torch.Tensor, now: dict[str, Any]) -> None:
+    def _grid(self, step: int, measurement: Measurement) -> None:
         """Base row above current row per prompt, same seeds; green/red borders for binary rankers."""
-        t = self.trainer
-        n_prompts, n_seeds = min(self.cfg.grid_prompts, len(t.eval_prompts)), min(len(self.cfg.seeds), 8)
+        n_prompts = len(measurement.grid)
         if n_prompts == 0:
             return
-        name, ranker, _ = t.rankers[0]
-        binary = getattr(ranker, "binary", False)
-        h, w = images.shape[-2:]
+        n_seeds = len(measurement.grid[0][0])
+        binary = getattr(self.rankers[0][1], "binary", False)
+        h, w = measurement.grid[0][0].shape[-2:]
         pad = max(2, h // 16)
         canvas = Image.new("RGB", (n_seeds * (w + 2 * pad), 2 * n_prompts * (h + 2 * pad)), "white")
-        for p in range(n_prompts):
-            for row, (source, scores) in enumerate([(self.base["images"], self.base[f"scores/{name}"]),
-                                                    (images, now[f"scores/{name}"])]):
+        for p, (images, scores) in enumerate(zip(measurement.grid, measurement.grid_scores, strict=True)):
+            for row in range(2):  # base above current
                 for s in range(n_seeds):
-                    i = p * len(self.cfg.seeds) + s
-                    tile = Image.fromarray((source[i].permute(1, 2, 0).numpy() * 255).round().astype(np.uint8))
+                    tile = Image.fromarray((images[row][s].permute(1, 2, 0).numpy() * 255).round().astype(np.uint8))
                     x, y = s * (w + 2 * pad), (2 * p + row) * (h + 2 * pad)
                     if binary:
-                        colour = (40, 170, 60) if scores[i] >= 0.5 else (210, 40, 40)
+                        colour = (40, 170, 60) if scores[row][s] >= 0.5 else (210, 40, 40)
                         ImageDraw.Draw(canvas).rectangle([x, y, x + w + 2 * pad - 1, y + h + 2 * pad - 1], fill=colour)
                     canvas.paste(tile, (x + pad, y + pad))
         scale = max(1, 96 // h)
         canvas = canvas.resize((canvas.width * scale, canvas.height * scale), Image.NEAREST)
-        canvas.save(t.run_dir / f"grid-step{step:06d}.png")
+        canvas.save(self.run_dir / f"grid-step{step:06d}.png")
 
     def _curve(self) -> None:
         """The held-out score of the first ranker against the step, as a small PNG."""
-        t = self.trainer
-        key = f"score/{t.rankers[0][0]}"
-        records = read_jsonl(t.run_dir / "eval.jsonl", what="evaluation log", skip_torn=True)
-        points = [(r["step"], r[key]) for _, r in records if key in r]
-        _plot(points, t.run_dir / "reward-curve.png", f"held-out {t.rankers[0][0]}")
+        name, path = self.rankers[0][0], self.run_dir / "eval.jsonl"
+        key = f"score/{name}"
+        points = self.history  # this evaluator's; the run's log also holds those before a resume
+        if path.is_file():
+            points = [(r["step"], r[key]) for _, r in read_jsonl(path, what="evaluation log", skip_torn=True)
+                      if key in r]
+        _plot(points, self.run_dir / "reward-curve.png", f"held-out {name}")
 
     def _table(self, record: dict[str, Any]) -> None:
         table = Table("held-out metric", "base", "finetuned", "change", title=f"evaluation ({record['samples']} samples)")
@@ -174,7 +264,79 @@ class Evaluator:
         table.add_row("diversity (ratio to base)", "1.0000", f"{record['diversity_ratio']:.4f}", "")
         table.add_row("pixel RMS to base", "0", f"{record['pixel_rms_to_base']:.4f}", "")
         table.add_row("feature distance to base", "0", f"{record['feature_distance_to_base']:.4f}", "")
-        self.trainer.console.print(table)
+        self.console.print(table)
+
+
+def _prompt_groups(n_prompts: int, n_seeds: int) -> Iterator[list[int]]:
+    """Prompts whose samples are measured together: as many whole prompts as fit in ``EVAL_BATCH``
+    samples (one prompt when it alone has more seeds)."""
+    per_group = max(1, EVAL_BATCH // n_seeds)
+    for start in range(0, n_prompts, per_group):
+        yield list(range(start, min(n_prompts, start + per_group)))
+
+
+def _chunks(samples: list[tuple[int, int]]) -> Iterator[list[tuple[int, int]]]:
+    """At most ``EVAL_BATCH`` (prompt, seed) pairs at a time through the generator and the rankers."""
+    for start in range(0, len(samples), EVAL_BATCH):
+        yield samples[start:start + EVAL_BATCH]
+
+
+def _score(name: str, ranker: Any, images: torch.Tensor, prompts: list[str],
+           metadata: list[Any]) -> torch.Tensor:
+    scores = torch.as_tensor(ranker.score(images, prompts, metadata), dtype=torch.float32).detach().cpu()
+    if scores.numel() != len(images):
+        raise ComponentError(f"ranker {name!r} returned {scores.numel()} scores for {len(images)} images")
+    return scores.reshape(-1)
+
+
+def _diversity_sums(features: torch.Tensor, n_prompts: int) -> torch.Tensor:
+    """Per prompt, the sum of the pairwise feature distances among its samples."""
+    per_prompt = features.reshape(n_prompts, -1, features.shape[-1])
+    return torch.cdist(per_prompt, per_prompt).sum(dim=(1, 2)).cpu()
+
+
+def _diversity(sums: list[torch.Tensor], n_seeds: int) -> float:
+    """Mean pairwise feature distance among each prompt's samples, averaged over prompts."""
+    if n_seeds < 2:
+        return float("nan")
+    return float(torch.cat(sums).mean() / (n_seeds * (n_seeds - 1)))
+
+
+def _group_means(ranker: Any, records: Sequence[PromptRecord], base: torch.Tensor,
+                 now: torch.Tensor) -> Iterator[tuple[str, float, float]]:
+    """``(group, base mean, current mean)`` of each group ``ranker.groups(record)`` names, sorted."""
+    groups: dict[str, list[int]] = {}
+    for i, record in enumerate(records):
+        for group in ranker.groups(record):
+            groups.setdefault(group, []).append(i)
+    base_values, values = base.tolist(), now.tolist()
+    for group, members in sorted(groups.items()):
+        yield (group, float(np.mean([base_values[i] for i in members])),
+               float(np.mean([values[i] for i in members])))
+
+
+@contextmanager
+def _rng_untouched() -> Iterator[None]:
+    """The global RNGs (Python, NumPy, torch CPU and CUDA) as they were before, afterwards: evaluation,
+    and the rankers it builds, never shift what training draws."""
+    python, numpy, cpu = random.getstate(), np.random.get_state(), torch.get_rng_state()
+    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None
+    try:
+        yield
+    finally:
+        random.setstate(python)
+        np.random.set_state(numpy)
+        torch.set_rng_state(cpu)
+        if cuda is not None:
+            torch.cuda.set_rng_state_all(cuda)
+
+
+def _release_memory(collect: bool) -> None:
+    """Free what evaluation held: collect released components (``collect``) and return cached CUDA blocks."""
+    if collect:
+        gc.collect()
+    if torch.cuda.is_initialized():
+        torch.cuda.empty_cache()
 
 
 def _plot(points: list[tuple[float, float]], path: Path, title: str, size=(480, 300)) -> None:

@@ -28,6 +28,11 @@ from drpo_core.errors import ConfigError, DrpoError
 from drpo_core.jsonl import read_jsonl
 
 FORMATS = ("text", "geneval", "parti")
+#: held-out prompts evaluated with ``prompts.eval_count: auto`` (the default): a seeded subset of this
+#: many prompts of an ``eval_path`` file (``eval_count: all`` for the whole file) ...
+EVAL_SUBSET_COUNT = 64
+#: ... or this many prompts split from ``path`` (and never trained on) when there is no ``eval_path``
+EVAL_SPLIT_COUNT = 8
 _SUFFIX_FORMATS = {".txt": "text", ".jsonl": "geneval", ".tsv": "parti"}
 
 
@@ -154,6 +159,24 @@ def split_prompts(
     train = [record for record in records if record.text not in eval_texts]
     held_out = [record for record in records if record.text in eval_texts]
     return train, held_out
+
+
+def subset_prompts(records: Sequence[PromptRecord], count: int | None, *, seed: int) -> list[PromptRecord]:
+    """``count`` distinct prompt texts of ``records`` (all of them when ``count`` is ``None`` or at least
+    their number), chosen by the seeded text hash of :func:`split_prompts`, in the input order.
+
+    Records that share a text are kept or dropped together. The choice depends on the seed and the texts
+    only, not on their order, and a larger ``count`` keeps every prompt a smaller one kept.
+    """
+    if count is None:
+        return list(records)
+    if isinstance(count, bool) or not isinstance(count, int) or count < 0:
+        raise ConfigError(f"prompt subset: count must be a non-negative integer, got {count!r}")
+    texts = list(dict.fromkeys(record.text for record in records))
+    if count >= len(texts):
+        return list(records)
+    chosen = set(sorted(texts, key=lambda text: _text_key(seed, text))[:count])
+    return [record for record in records if record.text in chosen]
 
 
 def _eval_size(n_texts: int, eval_count: int | None, eval_fraction: float | None) -> int:

@@ -47,7 +47,15 @@ from drpo_core.evaluation import Evaluator
 from drpo_core.interfaces import FeatureContext
 from drpo_core.metrics import MetricsLog, StepTimer
 from drpo_core.noise import make_noise
-from drpo_core.prompts import PromptRecord, PromptStream, load_prompts, split_prompts
+from drpo_core.prompts import (
+    EVAL_SPLIT_COUNT,
+    EVAL_SUBSET_COUNT,
+    PromptRecord,
+    PromptStream,
+    load_prompts,
+    split_prompts,
+    subset_prompts,
+)
 from drpo_core.ranking import rank_candidates
 from drpo_core.registry import Registry, get_registry
 from drpo_core.runs import check_new_run_dir
@@ -136,8 +144,7 @@ class Trainer:
         self.features = build("feature", cfg.features.name, "features").to(self.device)
         self.rankers = [(r.name, build("ranker", r.name, f"rankers.{i}"), r.weight)
                         for i, r in enumerate(cfg.rankers)]
-        self.eval_rankers = [(r.name, build("ranker", r.name, f"eval.rankers.{i}"), r.weight)
-                             for i, r in enumerate(cfg.eval.rankers)]
+        self._context = context  # the secondary rankers (eval.rankers) are built by each evaluation
         kernel = build("kernel", cfg.kernel.name, "kernel")
         drift = cfg.drift
         self.estimator = DriftEstimator(
@@ -156,6 +163,12 @@ class Trainer:
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, self._lr_factor)
         self.optimizer, self.scheduler = self.accelerator.prepare(optimizer, scheduler)
         self.ema = [p.detach().clone() for p in params] if cfg.train.ema_decay else None
+
+    def _build_eval_rankers(self) -> list[tuple[str, Any]]:
+        options = self.resolved.options
+        return [(r.name, self.registry.build("ranker", r.name, options.get(f"eval.rankers.{i}", {}), self._context,
+                                             f"eval.rankers.{i}"))
+                for i, r in enumerate(self.cfg.eval.rankers)]
 
     def _build_source(self, data_sampler: DataSampler | None) -> DriftSource:
         cfg = self.cfg
@@ -190,11 +203,14 @@ class Trainer:
             raise DrpoError("prompts.path: required (a prompt file, or pkg://package/file)")
         else:
             records = load_prompts(self._path(p.path), p.format)
-        if p.eval_path:
-            self.train_prompts, self.eval_prompts = records, load_prompts(self._path(p.eval_path), p.format)
+        if p.eval_path:  # a seeded subset of the file (all of it with eval_count: all)
+            held_out = load_prompts(self._path(p.eval_path), p.format)
+            count = {"all": None, "auto": EVAL_SUBSET_COUNT}.get(p.eval_count, p.eval_count)
+            self.train_prompts, self.eval_prompts = records, subset_prompts(held_out, count, seed=self.cfg.seed)
+            self._eval_file_size = len({r.text for r in held_out})
         else:
-            self.train_prompts, self.eval_prompts = split_prompts(records, eval_count=p.eval_count,
-                                                                  seed=self.cfg.seed)
+            count = EVAL_SPLIT_COUNT if p.eval_count == "auto" else p.eval_count
+            self.train_prompts, self.eval_prompts = split_prompts(records, eval_count=count, seed=self.cfg.seed)
         if not self.train_prompts:
             raise DrpoError("prompts: no training prompts left after the held-out split")
         self.stream = PromptStream(self.train_prompts, seed=self.cfg.seed, shuffle=p.shuffle)
@@ -219,12 +235,20 @@ class Trainer:
             f"kernel     {cfg.kernel.name}, radii {cfg.drift.radii}, lambda {cfg.drift.ref_lambda}",
             f"source     {cfg.source.kind}, K={self.k}, M+={cfg.selection.positives}, M-={cfg.selection.negatives}"
             + (f", memory {cfg.selection.positive_memory}" if cfg.selection.positive_memory else ""),
-            f"prompts    {len(self.train_prompts)} train, {len(self.eval_prompts)} held out",
+            f"prompts    {len(self.train_prompts)} train, {len(self.eval_prompts)} held out" + self._subset_note(),
             f"train      {cfg.train.steps} steps x {cfg.train.prompts_per_step} prompts x {cfg.train.grad_accum} "
             f"accumulation, lr {cfg.train.lr:g}, device {self.device}, precision {cfg.train.mixed_precision}"
             + (", single pass" if cfg.train.single_pass else ""),
             f"output     {self.run_dir}",
         ]
+
+    _eval_file_size: int | None = None  # distinct prompts of prompts.eval_path
+
+    def _subset_note(self) -> str:
+        held_out = len({r.text for r in self.eval_prompts})
+        if self._eval_file_size is None or held_out == self._eval_file_size:
+            return ""
+        return f" (a subset of the {self._eval_file_size} of eval_path; prompts.eval_count=all for every one)"
 
     # -- one micro-batch ---------------------------------------------------------------------
 
@@ -349,7 +373,9 @@ class Trainer:
         self._write_run_info(resumed=bool(resume))
         self.metrics = MetricsLog(self.run_dir / "metrics.jsonl", resume_lines=self._metrics_lines)
         self.timer = StepTimer()
-        self.evaluator = Evaluator(self)
+        self.evaluator = Evaluator(self.generator, self.featurise, [(n, r) for n, r, _ in self.rankers],
+                                   self._build_eval_rankers, self.eval_prompts, cfg.eval, self.run_dir,
+                                   self.console, self.accelerator.autocast)
         failures: deque[int] = deque(maxlen=cfg.train.failure_window)
         self._stop_signal: str | None = None
         previous = {sig: signal.signal(sig, self._on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}

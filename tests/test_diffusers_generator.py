@@ -4,11 +4,14 @@ import os
 
 os.environ["HF_HUB_OFFLINE"] = "1"  # before any Hugging Face import
 
+import importlib.util
 import json
+import logging
 import shutil
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import pytest
@@ -283,3 +286,69 @@ def test_plugin_import_is_light():
     repo = Path(__file__).resolve().parents[1]
     out = subprocess.run([sys.executable, "-c", code], cwd=repo, capture_output=True, text=True, check=True)
     assert out.stdout.split() == ["False", "False"]
+
+
+# ---------------------------------------------------------------------- quiet, once
+
+
+class _Records(logging.Handler):
+    def __init__(self):
+        super().__init__(logging.DEBUG)
+        self.messages = []
+
+    def emit(self, record):
+        self.messages.append(record.getMessage())
+
+
+@pytest.fixture
+def library_logs():
+    """Every message diffusers and transformers log (their library loggers do not propagate)."""
+    handler = _Records()
+    loggers = [logging.getLogger("diffusers"), logging.getLogger("transformers")]
+    for logger in loggers:
+        logger.addHandler(handler)
+    yield handler.messages
+    for logger in loggers:
+        logger.removeHandler(handler)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_long_prompts_warn_once_and_diffusers_repeats_nothing(tiny_dirs, arch, library_logs):
+    gen = tiny_generator(arch, tiny_dirs[arch])
+    long = "a " + " ".join(["very"] * 50) + " red apple on a table"
+    longer = long + " under the evening sun"
+    tokens = len(gen.pipe.tokenizer(longer, verbose=False).input_ids)
+    assert tokens > gen.pipe.tokenizer.model_max_length == 77
+    noise = make_noise(gen, n=2)
+    library_logs.clear()
+    with torch.no_grad():
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            gen.sample(["a cat", "the dog"], noise)  # short: nothing to say
+            assert caught == []
+            gen.sample([long, longer], noise)
+            gen.sample(["another " + long, "another " + longer], noise)  # new prompts, encoded again
+    messages = [str(w.message) for w in caught]
+    assert len(messages) == 1, messages
+    assert f"loses {tokens - 77} of its {tokens} tokens" in messages[0] and "2 of the 2 prompts" in messages[0]
+    assert not [m for m in library_logs if "was truncated" in m or "Token indices sequence length" in m]
+    # the filter was only there during the encode: diffusers' other messages still show
+    from drpo_diffusers.generator import _DropMessages
+
+    for name in (type(gen.pipe).encode_prompt.__module__, "transformers.tokenization_utils_base"):
+        assert not any(isinstance(f, _DropMessages) for f in logging.getLogger(name).filters)
+
+
+def test_missing_torchvision_notice_is_not_printed(tmp_path):
+    if importlib.util.find_spec("torchvision") is not None:
+        pytest.skip("torchvision is installed: transformers has nothing to say")
+    pipeline = "import diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion"
+    control = subprocess.run([sys.executable, "-c", pipeline], cwd=tmp_path, capture_output=True, text=True,
+                             check=True)
+    if "requires torchvision" not in control.stderr:
+        pytest.skip("this transformers version does not print the notice")
+    code = ("import logging, drpo_diffusers.generator; "
+            "logging.getLogger('transformers.utils.import_utils').warning('another notice')")
+    out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, check=True)
+    assert "requires torchvision" not in out.stderr, out.stderr
+    assert "another notice" in out.stderr  # the logger's other messages still pass

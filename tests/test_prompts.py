@@ -5,7 +5,7 @@ import json
 import pytest
 
 from drpo_core.errors import ConfigError, DrpoError
-from drpo_core.prompts import PromptRecord, PromptStream, load_prompts, split_prompts
+from drpo_core.prompts import PromptRecord, PromptStream, load_prompts, split_prompts, subset_prompts
 
 GENEVAL_ROWS = [
     {"tag": "single_object", "include": [{"class": "bench", "count": 1}], "prompt": "a photo of a bench"},
@@ -118,6 +118,34 @@ def test_split_keeps_input_order_and_allows_zero():
     assert train == [r for r in records if r in train]
     assert held_out == [r for r in records if r in held_out]
     assert split_prompts(records, eval_count=0, seed=0) == (records, [])
+
+
+# -- subset of an evaluation file -------------------------------------------------------------
+
+
+def test_subset_is_seeded_distinct_and_in_file_order():
+    records = _records(100) + [PromptRecord("prompt 7", {"dup": True})]
+    subset = subset_prompts(records, 10, seed=3)
+    assert subset_prompts(records, 10, seed=3) == subset  # deterministic
+    assert len({r.text for r in subset}) == 10  # distinct texts; a shared text keeps every record
+    assert ("prompt 7" in {r.text for r in subset}) == (len(subset) == 11)
+    assert subset == [r for r in records if r in subset]  # file order
+    assert subset_prompts(records, 10, seed=4) != subset  # seeded
+    assert subset_prompts(records[::-1], 10, seed=3) == subset[::-1]  # by text, not position
+    # the held-out side of the split from a prompt file, with the same seed and count
+    assert {r.text for r in subset} == {r.text for r in split_prompts(records, eval_count=10, seed=3)[1]}
+    # a larger subset keeps every prompt of a smaller one
+    assert {r.text for r in subset} <= {r.text for r in subset_prompts(records, 40, seed=3)}
+
+
+def test_subset_of_all_or_more_is_the_whole_file():
+    records = _records(24)
+    assert subset_prompts(records, None, seed=0) == records
+    assert subset_prompts(records, 24, seed=0) == records
+    assert subset_prompts(records, 64, seed=0) == records
+    assert subset_prompts(records, 0, seed=0) == []
+    with pytest.raises(ConfigError, match="non-negative integer"):
+        subset_prompts(records, -1, seed=0)
 
 
 @pytest.mark.parametrize(

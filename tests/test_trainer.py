@@ -214,8 +214,10 @@ def test_the_reference_pass_runs_on_the_kept_prompts_only(tmp_path):
     skipped = sum(m["skip_rollout"] + m["skip_failure"] for m in steps)
     kept = sum(m["prompts"] for m in steps) - skipped
     assert skipped > 0 and kept > 0, (skipped, kept)
-    base_evaluation = len(trainer.eval_prompts) * len(trainer.cfg.eval.seeds)  # the one base pass
-    assert sum(sampled) - base_evaluation == trainer.k * kept  # K reference samples per kept prompt
+    evaluations = len((Path(trainer.run_dir) / "eval.jsonl").read_text().splitlines())
+    # each evaluation regenerates the base on its noise (for the distances to the base), in whole prompts
+    base_evaluation = evaluations * len(trainer.eval_prompts) * len(trainer.cfg.eval.seeds)
+    assert evaluations == 2 and sum(sampled) - base_evaluation == trainer.k * kept  # K per kept prompt
 
 
 # -- the reward only ranks: transforms of the scores, ties ---------------------------------------------
@@ -417,7 +419,7 @@ def test_evaluation_and_loaded_runs_use_the_ema_weights(tmp_path, isolated_regis
     trained = [p.detach().clone() for p in params]
 
     def score() -> float:
-        return trainer.evaluator._measure(*trainer.evaluator._generate(reference=False))["score/tiny-brightness"]
+        return trainer.evaluator.measure().record["score/tiny-brightness"]
 
     with trainer.ema_weights():
         assert all(torch.equal(p, shadow) for p, shadow in zip(params, trainer.ema, strict=True))

@@ -7,12 +7,33 @@ stays fast. The generator lives in ``drpo_diffusers.generator``, LoRA/pipeline e
 
 from __future__ import annotations
 
+import logging
+import re
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from drpo_core import hookimpl
 from drpo_core.context import LocalPath
+
+#: transformers' notice when diffusers' pipeline modules import ``CLIPImageProcessor`` or
+#: ``SiglipImageProcessor`` without torchvision installed (printed by every run that loads a pipeline)
+_TORCHVISION_NOTICE = re.compile(r"`\w+ImageProcessor` requires torchvision \(not installed\); falling back to "
+                                 r"`\w+ImageProcessorPil`")
+
+
+class _NoTorchvisionNotice(logging.Filter):
+    """Drops that one notice: the generators use no image processor (no safety checker, no IP adapter), so
+    the PIL fallback changes nothing. Every other message of transformers' import logger passes."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not _TORCHVISION_NOTICE.match(record.getMessage())
+
+
+# before diffusers is imported (inside the factories): the notice is logged when its modules load
+_import_logger = logging.getLogger("transformers.utils.import_utils")
+if not any(isinstance(f, _NoTorchvisionNotice) for f in _import_logger.filters):
+    _import_logger.addFilter(_NoTorchvisionNotice())
 
 
 class TurboOptions(BaseModel):

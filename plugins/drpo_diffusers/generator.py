@@ -24,10 +24,13 @@ of the base UNet, which doubles the UNet's memory.
 from __future__ import annotations
 
 import copy
+import logging
 import math
 import os
+import warnings
 from collections import OrderedDict
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -56,6 +59,12 @@ PROMPT_CACHE_SIZE = 256
 #: tokenizer is the empty fallback transformers returns for missing files when offline
 MIN_TOKENIZER_SIZE = 258
 _DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+#: what diffusers (on every encode of a long prompt) and transformers (once per tokenizer) log about
+#: truncated prompts; the generator says it once itself (see ``TurboGenerator._check_truncation``)
+_TRUNCATION_NOTICES = (
+    "The following part of your input was truncated because CLIP can only handle sequences",
+    "Token indices sequence length is longer than the specified maximum sequence length",
+)
 
 
 class TurboGenerator(Generator):
@@ -129,6 +138,7 @@ class TurboGenerator(Generator):
         h = resolution // pipe.vae_scale_factor
         self.noise_shape = (self.unet.config.in_channels, h, h)
         self._prompt_cache: OrderedDict[str, dict[str, torch.Tensor]] = OrderedDict()
+        self._warned_truncation = False
 
     # ------------------------------------------------------------------ construction helpers
 
@@ -319,17 +329,46 @@ class TurboGenerator(Generator):
         return batch
 
     def _encode_prompts(self, prompts: list[str]) -> list[dict[str, torch.Tensor]]:
+        self._check_truncation(prompts)
         kw = dict(device=self.device, num_images_per_prompt=1, do_classifier_free_guidance=False)
+        with _without_notices(type(self.pipe).encode_prompt.__module__, _TRUNCATION_NOTICES):
+            encoded = self.pipe.encode_prompt(prompts, **kw)
         if self.architecture == "sd":
-            hidden, _ = self.pipe.encode_prompt(prompts, **kw)
+            hidden, _ = encoded
             return [{"hidden": h} for h in hidden]
-        hidden, _, pooled, _ = self.pipe.encode_prompt(prompts, **kw)
+        hidden, _, pooled, _ = encoded
         # SDXL micro-conditioning: original size, crop top-left, target size
         r = float(self.resolution)
         time_ids = torch.tensor([r, r, 0.0, 0.0, r, r], device=self.device)
         return [
             {"hidden": h, "text_embeds": p, "time_ids": time_ids} for h, p in zip(hidden, pooled, strict=True)
         ]
+
+    def _check_truncation(self, prompts: Sequence[str]) -> None:
+        """Warn once per generator (once per run) when a text encoder reads only the start of a prompt.
+
+        The pipeline truncates prompts to the tokenizer's ``model_max_length`` (77 tokens for CLIP);
+        diffusers logs the dropped text on every encode, which :meth:`_encode_prompts` silences.
+        """
+        if self._warned_truncation:
+            return
+        for name in ("tokenizer", "tokenizer_2"):
+            tokenizer = getattr(self.pipe, name, None)
+            if tokenizer is None:
+                continue
+            limit = tokenizer.model_max_length
+            lengths = [len(ids) for ids in tokenizer(list(prompts), truncation=False, verbose=False).input_ids]
+            long = [(n, p) for n, p in zip(lengths, prompts, strict=True) if n > limit]
+            if not long:
+                continue
+            n, prompt = max(long)
+            example = prompt if len(prompt) <= 60 else prompt[:57] + "..."
+            warnings.warn(
+                f"prompts longer than the {limit} tokens the text encoder reads are truncated: {example!r} loses "
+                f"{n - limit} of its {n} tokens ({len(long)} of the {len(prompts)} prompts encoded now are too "
+                "long; said once per run, later truncated prompts are not reported)", stacklevel=2)
+            self._warned_truncation = True
+            return
 
     def _unscale(self, latents: torch.Tensor) -> torch.Tensor:
         """Scaled (UNet-space) latents to the VAE's latent space, as the pipelines do."""
@@ -349,6 +388,30 @@ class TurboGenerator(Generator):
             std = torch.tensor(std, device=latents.device).view(1, -1, 1, 1)
             return (latents - mean) * config.scaling_factor / std
         return latents * config.scaling_factor
+
+
+class _DropMessages(logging.Filter):
+    def __init__(self, prefixes: Sequence[str]) -> None:
+        super().__init__()
+        self.prefixes = tuple(prefixes)
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith(self.prefixes)
+
+
+@contextmanager
+def _without_notices(pipeline_module: str, prefixes: Sequence[str]) -> Iterator[None]:
+    """Drop the log records starting with ``prefixes`` from the pipeline's and the tokenizers' loggers,
+    while inside: the truncation notices only, every other message passes."""
+    drop = _DropMessages(prefixes)
+    loggers = [logging.getLogger(pipeline_module), logging.getLogger("transformers.tokenization_utils_base")]
+    for logger in loggers:
+        logger.addFilter(drop)
+    try:
+        yield
+    finally:
+        for logger in loggers:
+            logger.removeFilter(drop)
 
 
 # ---------------------------------------------------------------------- loading and checks
