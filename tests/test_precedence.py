@@ -238,3 +238,20 @@ def test_the_golden_files_are_valid_yaml_free_of_machine_paths():
     for golden in GOLDEN.iterdir():
         text = golden.read_text()
         assert yaml.safe_load(text) and "/work/" not in text and "/tmp/" not in text
+
+
+def test_the_readme_config_show_line_works_as_typed(builtins, monkeypatch):
+    import shlex
+
+    from typer.testing import CliRunner
+
+    from drpo_cli.main import app
+    from drpo_core import registry as registry_module
+
+    line = next(line for line in (REPO / "README.md").read_text().splitlines() if line.startswith("drpo config show"))
+    args = shlex.split(line.split("#")[0])[1:]
+    monkeypatch.chdir(REPO)
+    monkeypatch.setattr(registry_module, "_default", builtins)
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert "generator sd-turbo" in result.output and "selection.candidates" in result.output
