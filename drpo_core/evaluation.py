@@ -8,6 +8,7 @@ rankers) and the reward curve as PNGs in the run directory.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -95,7 +96,7 @@ class Evaluator:
         n = per_prompt.shape[1]
         return float(d.sum(dim=(1, 2)).mean() / (n * (n - 1)))
 
-    def run(self, step: int, log, final: bool = False) -> Any:
+    def run(self, step: int, log: Callable[[dict[str, Any]], object], final: bool = False) -> Any:
         t = self.trainer
         if not t.eval_prompts:
             return None
@@ -135,7 +136,7 @@ class Evaluator:
         """Base row above current row per prompt, same seeds; green/red borders for binary rankers."""
         t = self.trainer
         n_prompts, n_seeds = min(self.cfg.grid_prompts, len(t.eval_prompts)), min(len(self.cfg.seeds), 8)
-        if n_prompts == 0:
+        if n_prompts == 0 or self.base is None:
             return
         name, ranker, _ = t.rankers[0]
         binary = getattr(ranker, "binary", False)
@@ -154,7 +155,7 @@ class Evaluator:
                         ImageDraw.Draw(canvas).rectangle([x, y, x + w + 2 * pad - 1, y + h + 2 * pad - 1], fill=colour)
                     canvas.paste(tile, (x + pad, y + pad))
         scale = max(1, 96 // h)
-        canvas = canvas.resize((canvas.width * scale, canvas.height * scale), Image.NEAREST)
+        canvas = canvas.resize((canvas.width * scale, canvas.height * scale), Image.Resampling.NEAREST)
         canvas.save(t.run_dir / f"grid-step{step:06d}.png")
 
     def _curve(self) -> None:
@@ -177,7 +178,7 @@ class Evaluator:
         self.trainer.console.print(table)
 
 
-def _plot(points: list[tuple[float, float]], path: Path, title: str, size=(480, 300)) -> None:
+def _plot(points: list[tuple[float, float]], path: Path, title: str, size: tuple[int, int] = (480, 300)) -> None:
     image = Image.new("RGB", size, "white")
     draw = ImageDraw.Draw(image)
     left, top, right, bottom = 50, 30, size[0] - 20, size[1] - 30
