@@ -1,8 +1,8 @@
-"""Developer sessions: ``nox -s tests``, ``nox -s lint``, ``nox -s demo``."""
+"""Developer sessions: ``nox -s tests``, ``nox -s lint``, ``nox -s typecheck``, ``nox -s demo``."""
 
 import nox
 
-nox.options.sessions = ["lint", "tests"]
+nox.options.sessions = ["lint", "typecheck", "tests"]
 CPU_TORCH = "torch==2.13.0"
 
 
@@ -17,6 +17,14 @@ def tests(session: nox.Session) -> None:
 def lint(session: nox.Session) -> None:
     session.install("ruff")
     session.run("ruff", "check", ".")
+
+
+@nox.session
+def typecheck(session: nox.Session) -> None:
+    """mypy with the settings of ``[tool.mypy]`` in pyproject.toml (what .ci/run runs)."""
+    session.install(CPU_TORCH)
+    session.install("-e", ".[dev]")
+    session.run("mypy", *session.posargs)
 
 
 @nox.session

@@ -413,7 +413,9 @@ def _restore_cuda(states: list[torch.Tensor]) -> None:
 # the trainable file's layout
 
 
-def split_trainable(trainable: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], list, list]:
+def split_trainable(
+    trainable: dict[str, torch.Tensor],
+) -> tuple[dict[str, torch.Tensor], list[torch.Tensor], list[torch.Tensor]]:
     """A checkpoint's trainable tensors: the generator's weights, the EMA weights (``ema.{i}``) and the
     remembered correct samples (``memory.{n}``), each list in its saved order."""
     def numbered(prefix: str) -> list[torch.Tensor]:

@@ -440,11 +440,11 @@ class ResolvedConfig:
             section, key = dotted.split(".")
             data[section][key] = self._absolute(data[section][key])
         for where, spec in self.specs.items():
-            section = _section_data(data, where)
+            options = _section_data(data, where)
             fields = getattr(spec.options, "model_fields", {})
             for key, info in fields.items():
-                if LOCAL_PATH in info.metadata and isinstance(section.get(key), str):
-                    section[key] = self._absolute(section[key], only_existing=True)
+                if LOCAL_PATH in info.metadata and isinstance(options.get(key), str):
+                    options[key] = self._absolute(options[key], only_existing=True)
         return yaml.safe_dump(data, sort_keys=False)
 
     def _absolute(self, path: str | None, only_existing: bool = False) -> str | None:

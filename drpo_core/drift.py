@@ -92,6 +92,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import TypedDict
 
 import torch
 from torch import Tensor
@@ -275,11 +276,23 @@ class DriftTargets:
     stats: dict[str, float] = field(default_factory=dict)
 
 
-def _same_shape_groups(*sets: Mapping[str, Tensor] | None) -> list[list[str]]:
-    """The keys of ``sets[0]``, grouped (in order of first appearance) by their shapes, dtypes and devices in every set."""
-    groups: dict[tuple, list[str]] = {}
-    for key in sets[0]:
-        signature = tuple((tuple(t[key].shape), t[key].dtype, t[key].device) for t in sets if t is not None)
+class DriftLosses(TypedDict):
+    """What :meth:`DriftEstimator.loss` returns: losses (B,), one per prompt."""
+
+    pref: Tensor
+    #: None when the reference drift was skipped
+    ref: Tensor | None
+    #: pref + ref_lambda * ref
+    total: Tensor
+
+
+def _same_shape_groups(first: Mapping[str, Tensor], *others: Mapping[str, Tensor] | None) -> list[list[str]]:
+    """The keys of ``first``, grouped (in order of first appearance) by their shapes, dtypes and devices in
+    every set (``None`` sets aside)."""
+    sets = [first, *(t for t in others if t is not None)]
+    groups: dict[tuple[tuple[tuple[int, ...], torch.dtype, torch.device], ...], list[str]] = {}
+    for key in first:
+        signature = tuple((tuple(t[key].shape), t[key].dtype, t[key].device) for t in sets)
         groups.setdefault(signature, []).append(key)
     return list(groups.values())
 
@@ -332,27 +345,31 @@ class DriftEstimator:
         reference: Mapping[str, Tensor] | None = None,
     ) -> DriftTargets:
         """Fields and targets of every key; the reference drift is skipped when ref_lambda == 0 or no reference."""
-        use_ref = reference is not None and self.ref_lambda != 0.0
-        out = DriftTargets(pref_target={}, pref_sigma={}, ref_target={} if use_ref else None,
-                           ref_sigma={} if use_ref else None)
+        if self.ref_lambda == 0.0:
+            reference = None
+        out = DriftTargets(pref_target={}, pref_sigma={})
+        ref_target: dict[str, Tensor] = {}
+        ref_sigma: dict[str, Tensor] = {}
         stats: dict[str, Tensor] = {}
         # Keys of one shape go through one batched call: every statistic of the field is per prompt
         # (per batch row), so stacking keys along the batch is exact, and far fewer (GPU) kernel launches.
-        for keys in _same_shape_groups(generated, positives, negatives, reference if use_ref else None):
+        for keys in _same_shape_groups(generated, positives, negatives, reference):
             x = _stack(generated, keys).detach()
             pref = drift_field(
                 x, _stack(positives, keys), _stack(negatives, keys), kernel=self.kernel, radii=self.radii,
                 positive_weight=self.positive_weight, negative_weight=self.negative_weight,
             )
             self._collect(out.pref_target, out.pref_sigma, stats, "pref", keys, x, pref, self.radii)
-            if use_ref:
+            if reference is not None:
                 # V_ref = mu_R - mu_Z: reference features attract, the generated set (itself masked) repels.
                 ref = drift_field(
                     x, _stack(reference, keys), x, kernel=self.kernel, radii=self.ref_radii,
                     positive_weight=self.ref_positive_weight, negative_weight=self.ref_negative_weight,
                     mask_negative_self=True,
                 )
-                self._collect(out.ref_target, out.ref_sigma, stats, "ref", keys, x, ref, self.ref_radii)
+                self._collect(ref_target, ref_sigma, stats, "ref", keys, x, ref, self.ref_radii)
+        if reference is not None:
+            out.ref_target, out.ref_sigma = ref_target, ref_sigma
         # one device-to-host copy for all diagnostics
         out.stats = dict(zip(stats, torch.stack(list(stats.values())).tolist(), strict=True)) if stats else {}
         return out
@@ -379,25 +396,25 @@ class DriftEstimator:
         start: int = 0,
         stop: int | None = None,
         particles_per_candidate: Mapping[str, int] | None = None,
-    ) -> dict[str, Tensor | None]:
+    ) -> DriftLosses:
         """Losses (B,) of the particles of candidates ``start:stop`` (all of them by default).
 
         Particles are candidate-major (candidate k owns rows k*T:(k+1)*T). A chunk's loss is normalised by
         the full N * D, so the losses (and gradients) of disjoint chunks add up to the unchunked ones.
         """
-        pref = []
-        ref = [] if targets.ref_target is not None else None
+        pref: list[Tensor] = []
+        ref: list[Tensor] = []
+        ref_target, ref_sigma = targets.ref_target, targets.ref_sigma
         for key, target in targets.pref_target.items():
             x = generated[key]
             rows = self._rows(key, x.shape[1], target.shape[1], start, stop, particles_per_candidate)
             full_size = target.shape[1] * target.shape[2]
             error = _squared_error_sum(x, target[:, rows], targets.pref_sigma[key]) / full_size
             pref.append(self.key_weight(key) * error)
-            if ref is not None:
-                ref_target = targets.ref_target[key]
-                ref.append(_squared_error_sum(x, ref_target[:, rows], targets.ref_sigma[key]) / full_size)
+            if ref_target is not None and ref_sigma is not None:
+                ref.append(_squared_error_sum(x, ref_target[key][:, rows], ref_sigma[key]) / full_size)
         pref_loss = self._aggregate(pref)
-        ref_loss = self._aggregate(ref) if ref is not None else None
+        ref_loss = self._aggregate(ref) if ref_target is not None else None
         total = pref_loss if ref_loss is None else pref_loss + self.ref_lambda * ref_loss
         return {"pref": pref_loss, "ref": ref_loss, "total": total}
 

@@ -196,7 +196,7 @@ class Evaluator:
 
     # -- one evaluation -------------------------------------------------------------------------
 
-    def run(self, step: int, log: Callable[[dict[str, Any]], None], final: bool = False) -> Any:
+    def run(self, step: int, log: Callable[[dict[str, Any]], object], final: bool = False) -> Any:
         """Measure, log the record, write the grid; at the end also the curve and the table, and return
         the record; in between, return ``"stop"`` when early stopping says so."""
         if not self.prompts:
@@ -242,7 +242,7 @@ class Evaluator:
                         ImageDraw.Draw(canvas).rectangle([x, y, x + w + 2 * pad - 1, y + h + 2 * pad - 1], fill=colour)
                     canvas.paste(tile, (x + pad, y + pad))
         scale = max(1, 96 // h)
-        canvas = canvas.resize((canvas.width * scale, canvas.height * scale), Image.NEAREST)
+        canvas = canvas.resize((canvas.width * scale, canvas.height * scale), Image.Resampling.NEAREST)
         canvas.save(self.run_dir / f"grid-step{step:06d}.png")
 
     def _curve(self) -> None:
@@ -339,7 +339,7 @@ def _release_memory(collect: bool) -> None:
         torch.cuda.empty_cache()
 
 
-def _plot(points: list[tuple[float, float]], path: Path, title: str, size=(480, 300)) -> None:
+def _plot(points: Sequence[tuple[float, float]], path: Path, title: str, size: tuple[int, int] = (480, 300)) -> None:
     image = Image.new("RGB", size, "white")
     draw = ImageDraw.Draw(image)
     left, top, right, bottom = 50, 30, size[0] - 20, size[1] - 30

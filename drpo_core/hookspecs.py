@@ -35,16 +35,21 @@ the feature space, the rankers in list order, the kernel (``drpo config show`` l
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping
-from typing import Any, Protocol, TypeVar
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 import pluggy
 
 from drpo_core.context import BuildContext
+from drpo_core.interfaces import FeatureSpace, Generator, Kernel, Ranker
+
+if TYPE_CHECKING:
+    import typer
 
 hookspec = pluggy.HookspecMarker("drpo")
 hookimpl = pluggy.HookimplMarker("drpo")
 
-T_co = TypeVar("T_co", covariant=True)
+# contravariant: a callback that accepts factories of any component serves as a Register[Ranker]
+T_contra = TypeVar("T_contra", contravariant=True)
 Component = TypeVar("Component")
 
 #: ``factory(options, context) -> component``
@@ -52,13 +57,15 @@ Factory = Callable[[Any, BuildContext], Component]
 Recommendations = Mapping[str, Any]
 
 
-class Register(Protocol[T_co]):
-    """The ``register`` callback a hook receives; ``T_co`` is the kind of component it builds."""
+class Register(Protocol[T_contra]):
+    """The ``register`` callback a hook receives; ``T_contra`` is the kind of component its factories
+    build. Annotate a hook implementation's parameter with it (``register: Register[Ranker]``) and a type
+    checker refuses a factory that returns anything else."""
 
     def __call__(
         self,
         name: str,
-        factory: Callable[[Any, BuildContext], T_co],
+        factory: Callable[[Any, BuildContext], T_contra],
         *,
         options: type | None = None,
         defaults: Recommendations | Callable[[str | None], Recommendations] | None = None,
@@ -72,25 +79,25 @@ class Register(Protocol[T_co]):
 
 
 @hookspec
-def drpo_register_generators(register: Register[Any]) -> None:
+def drpo_register_generators(register: Register[Generator]) -> None:
     """Register one-step generators (``drpo_core.interfaces.Generator``)."""
 
 
 @hookspec
-def drpo_register_rankers(register: Register[Any]) -> None:
+def drpo_register_rankers(register: Register[Ranker]) -> None:
     """Register rankers (``Ranker``: rewards used only for their order)."""
 
 
 @hookspec
-def drpo_register_features(register: Register[Any]) -> None:
+def drpo_register_features(register: Register[FeatureSpace]) -> None:
     """Register frozen feature spaces (``FeatureSpace``)."""
 
 
 @hookspec
-def drpo_register_kernels(register: Register[Any]) -> None:
+def drpo_register_kernels(register: Register[Kernel]) -> None:
     """Register drift kernels (``Kernel``)."""
 
 
 @hookspec
-def drpo_register_commands(cli: Any) -> None:
+def drpo_register_commands(cli: typer.Typer) -> None:
     """Add Typer commands or sub-apps (``cli`` is the ``drpo`` Typer app)."""

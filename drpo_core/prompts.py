@@ -189,9 +189,9 @@ def _eval_size(n_texts: int, eval_count: int | None, eval_fraction: float | None
         if eval_fraction > 0:
             count = max(count, 1)
     else:
+        if isinstance(eval_count, bool) or not isinstance(eval_count, int) or eval_count < 0:
+            raise ConfigError(f"prompt split: eval_count must be a non-negative integer, got {eval_count!r}")
         count = eval_count
-        if isinstance(count, bool) or not isinstance(count, int) or count < 0:
-            raise ConfigError(f"prompt split: eval_count must be a non-negative integer, got {count!r}")
     if count >= n_texts:
         raise ConfigError(f"prompt split: holding out {count} of {n_texts} distinct prompts leaves none "
                           "to train on")

@@ -72,13 +72,14 @@ def combine_scores(scores: Sequence[Tensor], weights: Sequence[float] | None = N
     if method not in transforms:
         raise ValueError(f"method must be one of {sorted(transforms)}, got {method!r}")
     weights = _normalised_weights(weights, len(scores))
-    combined = None
+    combined: Tensor | None = None
     for w, r in zip(weights, scores, strict=True):
         r = r.detach().to(torch.float64)
         if r.dim() != 2 or torch.isnan(r).any():
             raise ValueError(f"scores must be (B, K) without NaN, got shape {tuple(r.shape)}")
         term = w * transforms[method](r)
         combined = term if combined is None else combined + term
+    assert combined is not None  # scores is not empty
     return combined
 
 

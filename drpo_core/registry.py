@@ -164,8 +164,8 @@ class Registry:
         self._info_by_plugin[id(module)] = info
         return info
 
-    def _run_hook(self, hook: Callable, kind: str, info: PluginInfo) -> None:
-        def register(name: str, factory: Callable, **details: Any) -> None:
+    def _run_hook(self, hook: Callable[..., object], kind: str, info: PluginInfo) -> None:
+        def register(name: str, factory: Callable[[Any, BuildContext], Any], **details: Any) -> None:
             self._add(ComponentSpec(kind=kind, name=name, factory=factory, plugin=info, **_normalise(details)))
 
         try:

@@ -52,11 +52,18 @@ class Anchors:
 class Candidates(Protocol):
     """What the loop hands a source: the prompts' first-round candidates and helpers."""
 
-    records: Sequence[Any]
-    indices: Sequence[int]
-    latents: torch.Tensor  # (B*K, ...) detached
-    features: Features  # {key: (B*K, T, D)} detached
-    step: int
+    @property
+    def records(self) -> Sequence[Any]: ...
+    @property
+    def indices(self) -> Sequence[int]: ...
+    @property
+    def latents(self) -> torch.Tensor:
+        """(B*K, ...) detached"""
+    @property
+    def features(self) -> Features:
+        """{key: (B*K, T, D)} detached"""
+    @property
+    def step(self) -> int: ...
 
     def score(self, latents: torch.Tensor, records: Sequence[Any]) -> tuple[torch.Tensor, torch.Tensor]: ...
     def rollout(self, prompts: list[int], round_index: int) -> torch.Tensor: ...
@@ -226,7 +233,7 @@ def load_image(path: Path, size: tuple[int, int] | None = None) -> torch.Tensor:
         raise DrpoError(f"cannot read image {path}: {error}") from error
     if size is not None and image.size != (size[1], size[0]):
         scale = max(size[1] / image.width, size[0] / image.height)
-        image = image.resize((round(image.width * scale), round(image.height * scale)), Image.BILINEAR)
+        image = image.resize((round(image.width * scale), round(image.height * scale)), Image.Resampling.BILINEAR)
         left, top = (image.width - size[1]) // 2, (image.height - size[0]) // 2
         image = image.crop((left, top, left + size[1], top + size[0]))
     return torch.from_numpy(np.asarray(image, dtype=np.float32) / 255.0).permute(2, 0, 1)

@@ -21,14 +21,14 @@ from __future__ import annotations
 import copy
 import hashlib
 from collections.abc import Iterator, Mapping, Sequence
-from typing import Literal
+from typing import Any, Literal
 
 import pytest
 import torch
 from pydantic import BaseModel, ConfigDict
 
-from drpo_core.hookspecs import hookimpl
-from drpo_core.interfaces import FeatureSpace, Generator, Ranker
+from drpo_core.hookspecs import Register, hookimpl
+from drpo_core.interfaces import FeatureContext, FeatureSpace, Generator, Kernel, Ranker
 from drpo_core.registry import Registry, get_registry, registry_from, set_registry
 
 PROMPT_SLOTS = 64
@@ -67,31 +67,32 @@ class TinyGenerator(Generator):
     def _slots(self, prompts: Sequence[str]) -> torch.Tensor:
         return torch.tensor([_slot(p) for p in prompts], device=self.device)
 
-    def trainable_parameters(self):
+    def trainable_parameters(self) -> list[torch.nn.Parameter]:
         return list(self.net.parameters())
 
-    def sample(self, prompts, noise):
+    def sample(self, prompts: Sequence[str], noise: torch.Tensor) -> torch.Tensor:
         return self.net(noise, self._slots(prompts))
 
-    def reference(self, prompts, noise):
+    def reference(self, prompts: Sequence[str], noise: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
             return self.base(noise, self._slots(prompts))
 
-    def decode(self, latents):
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
         return latents.clamp(0, 1)
 
-    def encode(self, images):
+    def encode(self, images: torch.Tensor) -> torch.Tensor:
         return images.clamp(0, 1)
 
-    def trainable_state_dict(self):
+    def trainable_state_dict(self) -> dict[str, torch.Tensor]:
         return {k: v.detach().clone() for k, v in self.net.state_dict().items()}
 
-    def load_trainable_state_dict(self, state: Mapping[str, torch.Tensor]):
+    def load_trainable_state_dict(self, state: Mapping[str, torch.Tensor]) -> None:
         self.net.load_state_dict(dict(state))
 
 
 class BrightnessRanker(Ranker):
-    def score(self, images, prompts, metadata):
+    def score(self, images: torch.Tensor, prompts: Sequence[str],
+              metadata: Sequence[Mapping[str, Any] | None]) -> torch.Tensor:
         return images.float().mean(dim=(1, 2, 3)).cpu()
 
 
@@ -101,7 +102,8 @@ class BrokenRanker(Ranker):
     def __init__(self, mode: str):
         self.mode = mode
 
-    def score(self, images, prompts, metadata):
+    def score(self, images: torch.Tensor, prompts: Sequence[str],
+              metadata: Sequence[Mapping[str, Any] | None]) -> torch.Tensor:
         if self.mode == "raise":
             raise RuntimeError("scorer crashed")
         if self.mode == "wrong-count":
@@ -114,12 +116,13 @@ class PixelFeatures(FeatureSpace):
 
     input = "latents"
 
-    def features(self, x, context):
+    def features(self, x: torch.Tensor, context: FeatureContext) -> dict[str, torch.Tensor]:
         pooled = torch.nn.functional.avg_pool2d(x.float(), 2)
         return {"mean": x.float().mean(dim=(2, 3))[:, None, :], "cells": pooled.flatten(2).transpose(1, 2)}
 
 
-def tiny_laplacian(dist, scale, radius, x, targets):
+def tiny_laplacian(dist: torch.Tensor, scale: torch.Tensor, radius: float, x: torch.Tensor,
+                   targets: torch.Tensor) -> torch.Tensor:
     """-d / (s r): the Laplacian kernel (computed as the built-in one is), so the fakes need no built-in."""
     return dist * (-1.0 / (scale * radius))
 
@@ -138,22 +141,22 @@ class _FakesPlugin:
     """The fakes, registered through the same hooks as any plugin."""
 
     @hookimpl
-    def drpo_register_generators(self, register):
+    def drpo_register_generators(self, register: Register[Generator]) -> None:
         register("tiny", lambda o, c: TinyGenerator(o.size, c.seed), options=TinyOptions,
                  summary="8x8 test generator", provides=("latents", "images"))
 
     @hookimpl
-    def drpo_register_rankers(self, register):
+    def drpo_register_rankers(self, register: Register[Ranker]) -> None:
         register("tiny-brightness", lambda o, c: BrightnessRanker(), summary="mean pixel value")
         register("tiny-broken", lambda o, c: BrokenRanker(o.mode), options=BrokenOptions)
 
     @hookimpl
-    def drpo_register_features(self, register):
+    def drpo_register_features(self, register: Register[FeatureSpace]) -> None:
         register("tiny-pixels", lambda o, c: PixelFeatures(), summary="channel means and pooled pixels",
                  requires=("latents",))
 
     @hookimpl
-    def drpo_register_kernels(self, register):
+    def drpo_register_kernels(self, register: Register[Kernel]) -> None:
         register("tiny-laplacian", lambda o, c: tiny_laplacian, summary="-d/(s r), the test kernel")
 
 

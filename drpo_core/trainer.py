@@ -32,10 +32,14 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from types import FrameType
+from typing import TYPE_CHECKING, Any
 
 import torch
 from rich.console import Console
+
+if TYPE_CHECKING:
+    from rich.progress import Progress
 
 from drpo_core import checkpoint as ckpt
 from drpo_core.checkpoint import assign_parameters, split_trainable
@@ -84,7 +88,7 @@ class _Batch:
     features: dict[str, torch.Tensor]
     step: int
 
-    def score(self, latents, records):
+    def score(self, latents: torch.Tensor, records: Sequence[PromptRecord]) -> tuple[torch.Tensor, torch.Tensor]:
         return self.trainer.score(latents, records)
 
     def rollout(self, prompts: list[int], round_index: int) -> torch.Tensor:
@@ -96,7 +100,7 @@ class _Batch:
             return self.trainer.generator.sample([self.records[b].text for b in prompts for _ in range(k)],
                                                  noise.to(self.trainer.device)).float()
 
-    def featurise(self, latents, prompts):
+    def featurise(self, latents: torch.Tensor, prompts: Sequence[str]) -> dict[str, torch.Tensor]:
         with torch.no_grad():
             return self.trainer.featurise(latents, prompts)
 
@@ -172,14 +176,16 @@ class Trainer:
 
     def _build_source(self, data_sampler: DataSampler | None) -> DriftSource:
         cfg = self.cfg
-        image_size = tuple(self._probe_image().shape[-2:])
+        height, width = self._probe_image().shape[-2:]
+        image_size = (height, width)
         if cfg.source.kind == "offline":
             return OfflineSource(self._pairs, self.generator.encode, image_size)
         if cfg.source.kind == "data":
-            if data_sampler is None and not cfg.source.path:
-                raise DrpoError("source.path is required when source.kind is data (a JSONL of images)")
-            sampler = data_sampler or ImageFolderSampler(self._path(cfg.source.path), image_size)
-            return DataSource(sampler, self.generator.encode, cfg.selection.positives, cfg.seed)
+            if data_sampler is None:
+                if not cfg.source.path:
+                    raise DrpoError("source.path is required when source.kind is data (a JSONL of images)")
+                data_sampler = ImageFolderSampler(self._path(cfg.source.path), image_size)
+            return DataSource(data_sampler, self.generator.encode, cfg.selection.positives, cfg.seed)
         return OnlineSource(binary=self.binary, positives=cfg.selection.positives,
                             negatives=cfg.selection.negatives, rollout_rounds=cfg.selection.rollout_rounds,
                             seed=cfg.seed, fresh_anchors=cfg.selection.fresh_anchors,
@@ -196,7 +202,8 @@ class Trainer:
 
     def _build_prompts(self) -> None:
         p = self.cfg.prompts
-        self._pairs = read_pairs(self._path(self.cfg.source.path)) if self.cfg.source.kind == "offline" else {}
+        source = self.cfg.source  # SourceConfig requires a path for offline
+        self._pairs = read_pairs(self._path(source.path)) if source.kind == "offline" and source.path else {}
         if p.path is None and self._pairs:
             records = [PromptRecord(text, None) for text in self._pairs]
         elif p.path is None:
@@ -205,12 +212,12 @@ class Trainer:
             records = load_prompts(self._path(p.path), p.format)
         if p.eval_path:  # a seeded subset of the file (all of it with eval_count: all)
             held_out = load_prompts(self._path(p.eval_path), p.format)
-            count = {"all": None, "auto": EVAL_SUBSET_COUNT}.get(p.eval_count, p.eval_count)
+            count = None if p.eval_count == "all" else EVAL_SUBSET_COUNT if p.eval_count == "auto" else p.eval_count
             self.train_prompts, self.eval_prompts = records, subset_prompts(held_out, count, seed=self.cfg.seed)
             self._eval_file_size = len({r.text for r in held_out})
         else:
-            count = EVAL_SPLIT_COUNT if p.eval_count == "auto" else p.eval_count
-            self.train_prompts, self.eval_prompts = split_prompts(records, eval_count=count, seed=self.cfg.seed)
+            split = p.eval_count if isinstance(p.eval_count, int) else EVAL_SPLIT_COUNT  # "all" needs eval_path
+            self.train_prompts, self.eval_prompts = split_prompts(records, eval_count=split, seed=self.cfg.seed)
         if not self.train_prompts:
             raise DrpoError("prompts: no training prompts left after the held-out split")
         self.stream = PromptStream(self.train_prompts, seed=self.cfg.seed, shuffle=p.shuffle)
@@ -444,9 +451,9 @@ class Trainer:
         return record
 
     def _update_ema(self) -> None:
-        if self.ema is None:
-            return
         decay = self.cfg.train.ema_decay
+        if self.ema is None or decay is None:
+            return
         with torch.no_grad():
             for shadow, param in zip(self.ema, self.generator.trainable_parameters(), strict=True):
                 shadow.lerp_(param.detach(), 1 - decay)
@@ -465,10 +472,10 @@ class Trainer:
         finally:
             assign_parameters(params, trained)
 
-    def _on_signal(self, signum, frame) -> None:
+    def _on_signal(self, signum: int, frame: FrameType | None) -> None:
         self._stop_signal = signal.Signals(signum).name
 
-    def _progress(self):
+    def _progress(self) -> Progress:
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
         return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),

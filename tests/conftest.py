@@ -15,6 +15,8 @@ os.environ["TRANSFORMERS_OFFLINE"] = "1"
 os.environ.setdefault("DRPO_LOAD_PLUGINS", "")  # built-ins only, unless a test says otherwise
 
 pytest_plugins = ["drpo_core.testing"]
+# input for the type checker only (tests/test_typecheck.py), never imported
+collect_ignore_glob = ["typecheck/*"]
 
 
 def builtin_plugins() -> tuple[object, ...]:

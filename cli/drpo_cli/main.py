@@ -213,7 +213,7 @@ def list_plugins(as_json: Annotated[bool, typer.Option("--json", help="Machine-r
     console.print(table)
 
 
-def _plugin_row(info: Any, clashes: dict) -> dict[str, Any]:
+def _plugin_row(info: Any, clashes: dict[tuple[str, str], list[Any]]) -> dict[str, Any]:
     components: dict[str, list[str]] = {}
     for kind, name in info.components:
         components.setdefault(kind, []).append(name)

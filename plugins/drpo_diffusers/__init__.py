@@ -14,7 +14,9 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from drpo_core import hookimpl
-from drpo_core.context import LocalPath
+from drpo_core.context import BuildContext, LocalPath
+from drpo_core.hookspecs import Register
+from drpo_core.interfaces import Generator
 
 #: transformers' notice when diffusers' pipeline modules import ``CLIPImageProcessor`` or
 #: ``SiglipImageProcessor`` without torchvision installed (printed by every run that loads a pipeline)
@@ -121,7 +123,7 @@ PROVIDES = ("latents", "images")
 
 
 @hookimpl
-def drpo_register_generators(register):
+def drpo_register_generators(register: Register[Generator]) -> None:
     register(
         "sd-turbo",
         _build_sd,
@@ -140,13 +142,13 @@ def drpo_register_generators(register):
     )
 
 
-def _build_sd(options, context):
+def _build_sd(options: SDTurboOptions, context: BuildContext) -> Generator:
     from drpo_diffusers.generator import TurboGenerator
 
     return TurboGenerator.from_options(options, context, architecture="sd")
 
 
-def _build_sdxl(options, context):
+def _build_sdxl(options: SDXLTurboOptions, context: BuildContext) -> Generator:
     from drpo_diffusers.generator import TurboGenerator
 
     return TurboGenerator.from_options(options, context, architecture="sdxl")

@@ -24,7 +24,8 @@ from typing import Any, Protocol
 
 import torch
 import yaml
-from diffusers.utils import convert_state_dict_to_diffusers, convert_state_dict_to_kohya
+from diffusers.utils.state_dict_utils import convert_state_dict_to_diffusers, convert_state_dict_to_kohya
+from peft import LoraConfig
 from peft.utils import get_peft_model_state_dict
 from safetensors.torch import save_file
 
@@ -82,7 +83,7 @@ def export_generator(
     return out_dir
 
 
-def _lora_config(generator: ExportableGenerator):
+def _lora_config(generator: ExportableGenerator) -> LoraConfig:
     return generator.unet.peft_config["default"]
 
 
@@ -161,7 +162,8 @@ def model_card(generator: ExportableGenerator, kind: str, card: Mapping[str, Any
         f"- base model: `{base}` ({generator.architecture.upper()}, {generator.resolution}px, 1 step, guidance 0)",
     ]
     if generator.lora:
-        targets = sorted(_lora_config(generator).target_modules)
+        modules = _lora_config(generator).target_modules  # peft keeps a set of names (or one regex)
+        targets = sorted([modules] if isinstance(modules, str) else modules or [])
         lines.append(f"- LoRA: rank {generator.lora_rank}, alpha {generator.lora_alpha:g}, targets {targets}")
     else:
         lines.append("- full fine-tuning of the UNet")

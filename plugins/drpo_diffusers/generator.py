@@ -29,19 +29,20 @@ import math
 import os
 import warnings
 from collections import OrderedDict
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
-from diffusers import (
-    DiffusionPipeline,
-    EulerAncestralDiscreteScheduler,
-    EulerDiscreteScheduler,
-    StableDiffusionPipeline,
-    StableDiffusionXLPipeline,
-)
+
+# Classes come from the modules that define them: diffusers' top level is a lazy module whose static
+# view (what a type checker reads) is the dummy placeholders it uses when torch is missing.
+from diffusers.pipelines.pipeline_utils import DiffusionPipeline
+from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import StableDiffusionPipeline
+from diffusers.pipelines.stable_diffusion_xl.pipeline_stable_diffusion_xl import StableDiffusionXLPipeline
+from diffusers.schedulers.scheduling_euler_ancestral_discrete import EulerAncestralDiscreteScheduler
+from diffusers.schedulers.scheduling_euler_discrete import EulerDiscreteScheduler
 from diffusers.training_utils import cast_training_params
 from peft import LoraConfig
 from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
@@ -51,7 +52,9 @@ from drpo_core.errors import PluginError
 from drpo_core.interfaces import Generator
 
 DEFAULT_TARGET_MODULES = ("to_q", "to_k", "to_v", "to_out.0")
-PIPELINE_CLASSES = {"sd": StableDiffusionPipeline, "sdxl": StableDiffusionXLPipeline}
+PIPELINE_CLASSES: dict[str, type[DiffusionPipeline]] = {
+    "sd": StableDiffusionPipeline, "sdxl": StableDiffusionXLPipeline,
+}
 GENERATOR_NAMES = {"sd": "sd-turbo", "sdxl": "sdxl-turbo"}
 #: prompts whose text embeddings are kept (an SDXL prompt takes ~0.3 MB in bf16)
 PROMPT_CACHE_SIZE = 256
@@ -65,6 +68,8 @@ _TRUNCATION_NOTICES = (
     "The following part of your input was truncated because CLIP can only handle sequences",
     "Token indices sequence length is longer than the specified maximum sequence length",
 )
+
+_Loaded = TypeVar("_Loaded")
 
 
 class TurboGenerator(Generator):
@@ -118,7 +123,8 @@ class TurboGenerator(Generator):
             self.unet.add_adapter(
                 LoraConfig(
                     r=lora_rank,
-                    lora_alpha=lora_alpha,
+                    # peft annotates lora_alpha as int, but only divides it by r: a float alpha is fine
+                    lora_alpha=lora_alpha,  # type: ignore[arg-type]
                     lora_dropout=0.0,
                     init_lora_weights=True,  # B = 0: the adapted UNet starts equal to the base
                     target_modules=list(lora_target_modules),
@@ -274,7 +280,8 @@ class TurboGenerator(Generator):
     def train(self, mode: bool = True) -> None:
         self.unet.train(mode)
 
-    def export(self, out_dir, format: str = "diffusers", fuse: bool = False, card=None):
+    def export(self, out_dir: Path, format: str = "diffusers", fuse: bool = False,
+               card: Mapping[str, Any] | None = None) -> Path:
         """What `drpo export` calls: see :func:`drpo_diffusers.export.export_generator`."""
         from drpo_diffusers.export import export_generator
 
@@ -287,7 +294,7 @@ class TurboGenerator(Generator):
     # ------------------------------------------------------------------ one-step math
 
     def _one_step(
-        self, unet, dtype: torch.dtype, prompts: Sequence[str], noise: torch.Tensor
+        self, unet: torch.nn.Module, dtype: torch.dtype, prompts: Sequence[str], noise: torch.Tensor
     ) -> torch.Tensor:
         if len(prompts) != noise.shape[0]:
             raise PluginError(f"{len(prompts)} prompts for {noise.shape[0]} noise samples")
@@ -331,7 +338,7 @@ class TurboGenerator(Generator):
     def _encode_prompts(self, prompts: list[str]) -> list[dict[str, torch.Tensor]]:
         self._check_truncation(prompts)
         kw = dict(device=self.device, num_images_per_prompt=1, do_classifier_free_guidance=False)
-        with _without_notices(type(self.pipe).encode_prompt.__module__, _TRUNCATION_NOTICES):
+        with _without_notices(type(self.pipe).__module__, _TRUNCATION_NOTICES):
             encoded = self.pipe.encode_prompt(prompts, **kw)
         if self.architecture == "sd":
             hidden, _ = encoded
@@ -445,7 +452,9 @@ def _resolve_model(model: str, config_dir: Path) -> tuple[str, bool]:
     return model, False
 
 
-def _from_hub_or_cache(load, model: str, is_local: bool, kwargs: dict):
+def _from_hub_or_cache(
+    load: Callable[..., _Loaded], model: str, is_local: bool, kwargs: dict[str, Any]
+) -> _Loaded:
     """Call ``load`` on the local cache first; go online only when allowed. One-line errors."""
     try:
         return load(model, local_files_only=True, **kwargs)
@@ -463,9 +472,10 @@ def _from_hub_or_cache(load, model: str, is_local: bool, kwargs: dict):
         raise PluginError(f"could not load model {model!r} from the hub: {_first_line(err)}") from err
 
 
-def _check_pipeline_class(model: str, is_local: bool, architecture: str, load_kw: dict) -> None:
-    config = _from_hub_or_cache(
-        DiffusionPipeline.load_config, model, is_local, {"revision": load_kw["revision"]}
+def _check_pipeline_class(model: str, is_local: bool, architecture: str, load_kw: dict[str, Any]) -> None:
+    config: dict[str, Any] = _from_hub_or_cache(
+        # diffusers annotates load_config as returning a pair, which it does with return_unused_kwargs only
+        DiffusionPipeline.load_config, model, is_local, {"revision": load_kw["revision"]}  # type: ignore[arg-type]
     )
     found, expected = config.get("_class_name"), PIPELINE_CLASSES[architecture].__name__
     if found == expected:
@@ -479,7 +489,7 @@ def _check_pipeline_class(model: str, is_local: bool, architecture: str, load_kw
     )
 
 
-def _load_pipeline(model: str, is_local: bool, architecture: str, kwargs: dict) -> DiffusionPipeline:
+def _load_pipeline(model: str, is_local: bool, architecture: str, kwargs: dict[str, Any]) -> DiffusionPipeline:
     cls = PIPELINE_CLASSES[architecture]
     if architecture == "sd":
         # the safety checker is not needed for training and costs memory

@@ -12,11 +12,18 @@ from __future__ import annotations
 import json
 import tempfile
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from diffusers.models.autoencoders.autoencoder_kl import AutoencoderKL
+    from transformers import CLIPTextConfig, CLIPTokenizer
+
+    from drpo_diffusers.generator import TurboGenerator
 
 #: image size the tiny pipelines are meant for (latents of 16 x 16)
 TINY_RESOLUTION = 32
 
-_SCHEDULER_KW = dict(
+_SCHEDULER_KW: dict[str, Any] = dict(
     beta_start=0.00085,
     beta_end=0.012,
     beta_schedule="scaled_linear",
@@ -24,6 +31,12 @@ _SCHEDULER_KW = dict(
     timestep_spacing="trailing",
     prediction_type="epsilon",
 )
+
+
+def _absent(*components: str) -> dict[str, Any]:
+    """Optional pipeline components the tiny pipelines go without (diffusers annotates them as required,
+    its pipelines take None)."""
+    return dict.fromkeys(components)
 
 
 def _bytes_to_unicode() -> list[str]:
@@ -52,7 +65,7 @@ def write_clip_vocab(directory: str | Path) -> tuple[Path, Path]:
     return vocab_file, merges_file
 
 
-def make_tiny_tokenizer():
+def make_tiny_tokenizer() -> CLIPTokenizer:
     """A CLIP tokenizer over the minimal vocabulary (the files live in a temporary directory)."""
     from transformers import CLIPTokenizer
 
@@ -63,8 +76,8 @@ def make_tiny_tokenizer():
         return CLIPTokenizer(str(vocab_file), str(merges_file), model_max_length=77)
 
 
-def _tiny_vae(scaling_factor: float):
-    from diffusers import AutoencoderKL
+def _tiny_vae(scaling_factor: float) -> AutoencoderKL:
+    from diffusers.models.autoencoders.autoencoder_kl import AutoencoderKL
 
     return AutoencoderKL(
         block_out_channels=[4, 8],
@@ -79,7 +92,7 @@ def _tiny_vae(scaling_factor: float):
     )
 
 
-def _text_config(hidden: int, **extra):
+def _text_config(hidden: int, **extra: Any) -> CLIPTextConfig:
     from transformers import CLIPTextConfig
 
     return CLIPTextConfig(
@@ -99,7 +112,9 @@ def _text_config(hidden: int, **extra):
 def make_tiny_sd(directory: str | Path, seed: int = 0) -> Path:
     """Save a tiny SD-Turbo-like ``StableDiffusionPipeline`` into ``directory``."""
     import torch
-    from diffusers import EulerDiscreteScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from diffusers.models.unets.unet_2d_condition import UNet2DConditionModel
+    from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import StableDiffusionPipeline
+    from diffusers.schedulers.scheduling_euler_discrete import EulerDiscreteScheduler
     from transformers import CLIPTextModel
 
     directory = Path(directory)
@@ -121,9 +136,7 @@ def make_tiny_sd(directory: str | Path, seed: int = 0) -> Path:
         text_encoder=CLIPTextModel(_text_config(8)),
         tokenizer=make_tiny_tokenizer(),
         scheduler=EulerDiscreteScheduler(**_SCHEDULER_KW),
-        safety_checker=None,
-        feature_extractor=None,
-        image_encoder=None,
+        **_absent("safety_checker", "feature_extractor", "image_encoder"),
         requires_safety_checker=False,
     )
     pipe.save_pretrained(directory)
@@ -133,7 +146,9 @@ def make_tiny_sd(directory: str | Path, seed: int = 0) -> Path:
 def make_tiny_sdxl(directory: str | Path, seed: int = 0) -> Path:
     """Save a tiny SDXL-Turbo-like ``StableDiffusionXLPipeline`` into ``directory``."""
     import torch
-    from diffusers import EulerAncestralDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+    from diffusers.models.unets.unet_2d_condition import UNet2DConditionModel
+    from diffusers.pipelines.stable_diffusion_xl.pipeline_stable_diffusion_xl import StableDiffusionXLPipeline
+    from diffusers.schedulers.scheduling_euler_ancestral_discrete import EulerAncestralDiscreteScheduler
     from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
     directory = Path(directory)
@@ -167,8 +182,7 @@ def make_tiny_sdxl(directory: str | Path, seed: int = 0) -> Path:
         tokenizer=tokenizer,
         tokenizer_2=tokenizer,
         scheduler=EulerAncestralDiscreteScheduler(**_SCHEDULER_KW),
-        image_encoder=None,
-        feature_extractor=None,
+        **_absent("image_encoder", "feature_extractor"),
     )
     pipe.save_pretrained(directory)
     return directory
@@ -184,7 +198,7 @@ def build_tiny_pipelines(root: str | Path) -> dict[str, Path]:
     return dirs
 
 
-def tiny_generator(architecture: str, directory: str | Path, **options):
+def tiny_generator(architecture: str, directory: str | Path, **options: Any) -> TurboGenerator:
     """A :class:`TurboGenerator` on a tiny pipeline directory, at ``TINY_RESOLUTION`` on the CPU."""
     from drpo_core.context import BuildContext
     from drpo_diffusers import SDTurboOptions, SDXLTurboOptions

@@ -1,5 +1,8 @@
 """Image statistics as rewards; see the package docstring."""
 
+from collections.abc import Mapping, Sequence
+from typing import Any
+
 import torch
 
 from drpo_core.interfaces import Ranker
@@ -24,5 +27,6 @@ class StatisticRanker(Ranker):
     def __init__(self, statistic: str, invert: bool = False):
         self.statistic, self.sign = statistic, -1.0 if invert else 1.0
 
-    def score(self, images, prompts, metadata):
+    def score(self, images: torch.Tensor, prompts: Sequence[str],
+              metadata: Sequence[Mapping[str, Any] | None]) -> torch.Tensor:
         return self.sign * _statistic(self.statistic, images).cpu()

@@ -10,28 +10,33 @@ The paper's ablation found raw latents a weak feature space (method.md §11.6, "
 get started, not for quality.
 """
 
-from typing import Literal
+from typing import Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from drpo_core import hookimpl
+from drpo_core.context import BuildContext
+from drpo_core.hookspecs import Register
+from drpo_core.interfaces import FeatureSpace
 
-KEYS = ("latent", "latent_mean", "latent_std", "latent_mean_2", "latent_std_2", "latent_mean_4", "latent_std_4")
+LatentKey = Literal["latent", "latent_mean", "latent_std", "latent_mean_2", "latent_std_2", "latent_mean_4",
+                    "latent_std_4"]
+KEYS: tuple[LatentKey, ...] = get_args(LatentKey)
 
 
 class LatentOptions(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    keys: list[Literal[KEYS]] = Field(default_factory=lambda: list(KEYS[1:]), min_length=1)  # type: ignore[valid-type]
+    keys: list[LatentKey] = Field(default_factory=lambda: list(KEYS[1:]), min_length=1)
     stride: int = Field(4, ge=1, description="spatial stride of the raw `latent` key")
 
 
 @hookimpl
-def drpo_register_features(register):
+def drpo_register_features(register: Register[FeatureSpace]) -> None:
     register("latent", _build, options=LatentOptions, requires=("latents",),
              summary="latent pixels and pooled statistics")
 
 
-def _build(options, context):
+def _build(options: LatentOptions, context: BuildContext) -> FeatureSpace:
     from drpo_latent.features import LatentFeatures
 
     return LatentFeatures(options.keys, options.stride)

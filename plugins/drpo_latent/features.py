@@ -1,5 +1,7 @@
 """Latent statistics as particle sets; see the package docstring for the keys."""
 
+from collections.abc import Sequence
+
 import torch
 import torch.nn.functional as F
 
@@ -17,7 +19,7 @@ def _grid_stats(x: torch.Tensor, grid: int) -> tuple[torch.Tensor, torch.Tensor]
 class LatentFeatures(FeatureSpace):
     input = "latents"
 
-    def __init__(self, keys: list[str], stride: int = 4):
+    def __init__(self, keys: Sequence[str], stride: int = 4):
         self.keys, self.stride = list(keys), stride
 
     def features(self, x: torch.Tensor, context: FeatureContext) -> dict[str, torch.Tensor]:

@@ -5,12 +5,17 @@ on a laptop CPU in minutes. Registration only: torch is imported inside the fact
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import BaseModel, ConfigDict
 
 from drpo_core import hookimpl
-from drpo_core.context import LocalPath
+from drpo_core.context import BuildContext, LocalPath
+from drpo_core.hookspecs import Register
+from drpo_core.interfaces import FeatureSpace, Generator, Ranker
+
+if TYPE_CHECKING:
+    import typer
 
 #: recommended run settings for the counting ranker (binary, GenEval-style online rollout)
 COUNTING_DEFAULTS = {
@@ -46,35 +51,35 @@ class FeatureOptions(BaseModel):
 
 
 @hookimpl
-def drpo_register_generators(register):
+def drpo_register_generators(register: Register[Generator]) -> None:
     register("shapes", _build_generator, options=GeneratorOptions, provides=("latents", "images", "shapes-world"),
              summary="toy world: 0.4M-parameter U-Net, noise (8,16,16) -> 32x32 shapes image")
 
 
 @hookimpl
-def drpo_register_rankers(register):
+def drpo_register_rankers(register: Register[Ranker]) -> None:
     register("shapes", _build_ranker, variants=("counting",), defaults=_ranker_defaults, provides=("binary",),
              summary="toy world: GenEval-style 0/1 correctness from a programmatic shape detector")
 
 
 @hookimpl
-def drpo_register_commands(cli):
+def drpo_register_commands(cli: typer.Typer) -> None:
     from drpo_shapes.commands import toy
 
     cli.add_typer(toy, name="toy")
 
 
 @hookimpl
-def drpo_register_features(register):
+def drpo_register_features(register: Register[FeatureSpace]) -> None:
     register("shapes", _build_features, options=FeatureOptions, requires=("images", "shapes-world"),
              summary="toy world: pixel patches, random-CNN statistics, count-aware encoder (frozen)")
 
 
-def _ranker_defaults(variant: str | None) -> dict:
+def _ranker_defaults(variant: str | None) -> dict[str, Any]:
     return dict(COUNTING_DEFAULTS) if variant in (None, "counting") else {}
 
 
-def _build_generator(options: GeneratorOptions, context):
+def _build_generator(options: GeneratorOptions, context: BuildContext) -> Generator:
     from drpo_core.config import resolve_path
     from drpo_shapes.generator import ShapesGenerator
 
@@ -82,13 +87,13 @@ def _build_generator(options: GeneratorOptions, context):
     return ShapesGenerator(weights=weights, init=options.init, device=context.device, seed=context.seed)
 
 
-def _build_ranker(options, context):
+def _build_ranker(options: Any, context: BuildContext) -> Ranker:
     from drpo_shapes.rankers import ShapesCountingRanker
 
     return ShapesCountingRanker()
 
 
-def _build_features(options: FeatureOptions, context):
+def _build_features(options: FeatureOptions, context: BuildContext) -> FeatureSpace:
     from drpo_shapes.features import ShapesFeatures
 
     return ShapesFeatures(seed=options.seed, exclude=options.exclude, encoder=options.encoder).to(context.device)

@@ -7,13 +7,16 @@ It sees every prompt of the grammar; DrPO then trains on half of them and is eva
 """
 
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
+if TYPE_CHECKING:
+    import torch
+
 toy = typer.Typer(no_args_is_help=True, help="The toy shapes world.")
 
-PRETRAIN_RECIPE = {
+PRETRAIN_RECIPE: dict[str, Any] = {
     # seed 0 left a held-out prompt at 0/64; seed 2 draws each at least 2/64 (docs/toy-world.md). The shipped
     # file was trained with one thread (OMP_NUM_THREADS=1): other thread counts sum floats in another order
     "seed": 2,
@@ -41,10 +44,10 @@ class RenderSampler:
     docs/toy-world.md for what a miscounting base did to DrPO's gain.
     """
 
-    def __init__(self, count_noise: float = 0.0):
+    def __init__(self, count_noise: float = 0.0) -> None:
         self.count_noise = count_noise
 
-    def sample(self, record, n: int, seed: int):
+    def sample(self, record: Any, n: int, seed: int) -> "torch.Tensor":
         import numpy as np
 
         from drpo_shapes.world import COUNT_WORDS, Scene, parse_prompt, render_batch
@@ -67,7 +70,7 @@ def pretrain(
     save: Annotated[Path | None, typer.Option(help="Where to write the base weights (safetensors).")] = None,
     count_noise: Annotated[float, typer.Option(min=0.0, max=1.0, help="Fraction of renders with a miscounted caption.")] = 0.0,
     assignments: Annotated[list[str] | None, typer.Option("--set", help="dotted.key=value")] = None,
-):
+) -> None:
     """Pretrain the toy generator from random weights with the data drift source."""
     from safetensors.torch import save_file
 
@@ -90,7 +93,7 @@ def encoder(
     steps: Annotated[int, typer.Option(min=1, help="Optimizer steps.")] = 1500,
     renders: Annotated[int, typer.Option(min=1, help="Size of the rendered training set.")] = 12000,
     save: Annotated[Path | None, typer.Option(help="Where to write the encoder weights (safetensors).")] = None,
-):
+) -> None:
     """Train the count-aware encoder of the feature space (features.encoder) on renders."""
     from safetensors.torch import save_file
 

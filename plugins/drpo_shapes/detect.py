@@ -17,11 +17,16 @@ Steps for one image:
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
 from scipy import ndimage
 
 from drpo_geneval.rules import Detection
 from drpo_shapes.world import COLORS
+
+if TYPE_CHECKING:
+    import torch
 
 CHROMA_MIN = 0.22  # ~40% object coverage of the weakest (green) colour
 MIN_AREA = 16  # the smallest object (a 7 px circle) covers about 38 pixels
@@ -99,10 +104,15 @@ def detect_array(image: np.ndarray) -> dict[str, list[Detection]]:
     return detect_batch(image[None])[0]
 
 
-def detect(images) -> dict[str, list[Detection]] | list[dict[str, list[Detection]]]:
-    """``detect_array`` for a tensor ``(3, H, W)`` in [0, 1] (or an ``(H, W, 3)`` array); ``detect_batch``
-    for a batch ``(B, 3, H, W)``."""
+def as_array(images: torch.Tensor | np.ndarray) -> np.ndarray:
+    """Tensors ``(..., 3, H, W)`` as arrays ``(..., H, W, 3)`` (arrays as they are), clipped to [0, 1]."""
     if not isinstance(images, np.ndarray):
         images = images.detach().float().cpu().movedim(-3, -1).numpy()
-    images = np.clip(images, 0.0, 1.0)
-    return detect_batch(images) if images.ndim == 4 else detect_array(images)
+    return np.clip(images, 0.0, 1.0)
+
+
+def detect(images: torch.Tensor | np.ndarray) -> dict[str, list[Detection]] | list[dict[str, list[Detection]]]:
+    """``detect_array`` for a tensor ``(3, H, W)`` in [0, 1] (or an ``(H, W, 3)`` array); ``detect_batch``
+    for a batch ``(B, 3, H, W)``."""
+    array = as_array(images)
+    return detect_batch(array) if array.ndim == 4 else detect_array(array)

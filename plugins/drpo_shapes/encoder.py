@@ -12,6 +12,7 @@ renders), then frozen. ``drpo toy encoder`` reproduces ``weights/encoder.safeten
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -63,8 +64,9 @@ def augment(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     kernels = torch.exp(-offsets[None] ** 2 / (2 * sigma[:, None].clamp_min(1e-3) ** 2))
     kernels = kernels / kernels.sum(dim=1, keepdim=True)  # (B, 5), separable
     padded = F.pad(images, (2, 2, 2, 2), mode="replicate")
-    rows = sum(kernels[:, i, None, None, None] * padded[:, :, :, i:i + images.shape[3]] for i in range(5))
-    blurred = sum(kernels[:, i, None, None, None] * rows[:, :, i:i + images.shape[2], :] for i in range(5))
+    zero = torch.zeros(())  # the start of sum(): exact, and a tensor for the type checker
+    rows = sum((kernels[:, i, None, None, None] * padded[:, :, :, i:i + images.shape[3]] for i in range(5)), zero)
+    blurred = sum((kernels[:, i, None, None, None] * rows[:, :, i:i + images.shape[2], :] for i in range(5)), zero)
     noise = torch.randn(images.shape, generator=generator) * torch.rand(batch, 1, 1, 1, generator=generator) * 0.05
     jitter = (torch.rand(batch, 3, 1, 1, generator=generator) - 0.5) * 0.1
     return (blurred + noise + jitter).clamp(0.0, 1.0)
@@ -84,7 +86,7 @@ def render_training_set(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor, 
 
 
 def train_encoder(steps: int = 1500, batch_size: int = 128, renders: int = 12000, seed: int = 0,
-                  log=print) -> CountEncoder:
+                  log: Callable[[str], object] = print) -> CountEncoder:
     """Fit the encoder's three heads with cross-entropy (AdamW, lr 2e-3, cosine)."""
     torch.manual_seed(seed)
     generator = torch.Generator().manual_seed(seed)

@@ -44,7 +44,8 @@ class RandomCNN(nn.Module):
             fan_in = in_channels * 9
             with torch.no_grad():
                 conv.weight.copy_(torch.randn(conv.weight.shape, generator=generator) * (2.0 / fan_in) ** 0.5)
-                conv.bias.zero_()
+                if conv.bias is not None:
+                    conv.bias.zero_()
             layers.append(conv)
             in_channels = out_channels
         self.layers = nn.ModuleList(layers)

@@ -66,7 +66,8 @@ class ShapesUNet(nn.Module):
         self.up32 = nn.Conv2d(c1, 32, 3, padding=1)
         self.head = nn.Conv2d(32, 3, 3, padding=1)
 
-    def forward(self, noise: torch.Tensor, counts, colors, shapes) -> torch.Tensor:
+    def forward(self, noise: torch.Tensor, counts: torch.Tensor, colors: torch.Tensor,
+                shapes: torch.Tensor) -> torch.Tensor:
         e = self.count_embedding(counts) + self.color_embedding(colors) + self.shape_embedding(shapes)
         batch, _, height, width = noise.shape
         ys = torch.linspace(-1, 1, height, device=noise.device)

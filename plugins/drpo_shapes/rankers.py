@@ -10,7 +10,7 @@ import torch
 from drpo_core.errors import ComponentError
 from drpo_core.interfaces import Ranker
 from drpo_geneval.rules import evaluate
-from drpo_shapes.detect import detect
+from drpo_shapes.detect import as_array, detect_batch
 from drpo_shapes.world import parse_prompt, prompt_metadata
 
 
@@ -33,7 +33,7 @@ class ShapesCountingRanker(Ranker):
                 f"shapes ranker got {len(images)} images, {len(prompts)} prompts, {len(metadata)} metadata"
             )
         scores = []
-        for found, prompt, meta in zip(detect(images), prompts, metadata, strict=True):
+        for found, prompt, meta in zip(detect_batch(as_array(images)), prompts, metadata, strict=True):
             verdict = evaluate(found, meta if meta is not None else prompt_metadata(prompt))
             scores.append(float(verdict.correct))
         return torch.tensor(scores, dtype=torch.float32)

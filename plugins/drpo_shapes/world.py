@@ -11,9 +11,12 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
+
+if TYPE_CHECKING:
+    import torch
 
 SIZE = 32
 #: the background is a neutral grey, so every object pixel is recognisable by its chroma alone
@@ -157,7 +160,7 @@ def render_array(scene: Scene, seed: int) -> np.ndarray:
     return canvas.reshape(SIZE, SUPERSAMPLE, SIZE, SUPERSAMPLE, 3).mean(axis=(1, 3))
 
 
-def render(prompt_or_scene: str | Scene, seed: int):
+def render(prompt_or_scene: str | Scene, seed: int) -> torch.Tensor:
     """A random image matching the prompt: float tensor ``(3, 32, 32)`` in [0, 1]."""
     import torch
 
@@ -165,7 +168,7 @@ def render(prompt_or_scene: str | Scene, seed: int):
     return torch.from_numpy(render_array(scene, seed)).permute(2, 0, 1).contiguous()
 
 
-def render_batch(prompts: Sequence[str | Scene], seeds: Sequence[int]):
+def render_batch(prompts: Sequence[str | Scene], seeds: Sequence[int]) -> torch.Tensor:
     """``render`` for each (prompt, seed) pair: ``(B, 3, 32, 32)``."""
     import torch
 
