@@ -20,6 +20,7 @@ Every error is a :class:`ConfigError` with one line naming the keys and where th
 from __future__ import annotations
 
 import copy
+import importlib.util
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -187,10 +188,25 @@ class EvalConfig(_Strict):
     _rankers = field_validator("rankers", mode="before")(classmethod(lambda cls, v: ranker_list(v)))
 
 
+#: tracker -> (the module it needs, how to install it)
+TRACKER_PACKAGES = {"tensorboard": ("tensorboard", 'pip install "drpo[tracking]"'),
+                    "wandb": ("wandb", 'pip install "drpo[wandb]"')}
+
+
 class LogConfig(_Strict):
-    trackers: list[Literal["tensorboard", "wandb"]] = Field(default_factory=list)
+    trackers: list[Literal["tensorboard", "wandb"]] = Field(
+        default_factory=list, description="log the per-step and evaluation metrics to these too (see drpo_core.tracking)")
     sync_timing_every: int = Field(10, ge=1, description="synchronise CUDA for timings every N steps")
     progress: bool = True
+
+    @field_validator("trackers")
+    @classmethod
+    def _installed(cls, trackers: list[str]) -> list[str]:
+        for name in trackers:
+            module, install = TRACKER_PACKAGES[name]
+            if importlib.util.find_spec(module) is None:
+                raise ValueError(f"{name} is not installed: {install}")
+        return trackers
 
 
 class RunConfig(_Strict):
@@ -671,3 +687,4 @@ def _check_feasible(resolved: ResolvedConfig) -> None:
         keys = [f"rankers.{i}.name" for i in binary]
         raise ConfigError("rankers: binary rankers (0/1 correctness) cannot be mixed with graded ones in one run "
                           f"({named(*keys)})")
+
