@@ -521,6 +521,7 @@ def resolve_config(
     resolved = ResolvedConfig(config, origins, config_dir, conflicts)
     _validate_components(resolved, registry)
     _check_feasible(resolved)
+    _check_effective(resolved, _flatten(recommended))
     return resolved
 
 
@@ -688,3 +689,32 @@ def _check_feasible(resolved: ResolvedConfig) -> None:
         raise ConfigError("rankers: binary rankers (0/1 correctness) cannot be mixed with graded ones in one run "
                           f"({named(*keys)})")
 
+
+def _check_effective(resolved: ResolvedConfig, recommended: dict[str, Any]) -> None:
+    """A setting changed from its default that this run would ignore: one line instead of a silent no-op.
+    A component's recommended value is never refused (a recipe may serve several kinds of run)."""
+    cfg = resolved.config
+    online = cfg.source.kind == "online"
+    binary = "binary" in resolved.specs["rankers.0"].provides  # one kind for all: checked by _check_feasible
+    anchors = {"offline": "chosen/rejected pairs", "data": "real images"}.get(cfg.source.kind)
+    not_ranked = f"source.kind {cfg.source.kind} takes its anchors from {anchors}, not from ranking"
+    unused: dict[str, str] = {}  # key -> why this run ignores it ("": it does not)
+    for key in ("rollout_rounds", "fresh_anchors", "positive_memory"):
+        unused[f"selection.{key}"] = not_ranked if not online else "" if binary else "it is for binary rankers only"
+    unused["selection.shuffle_scores"] = "" if online else not_ranked
+    combine = not_ranked if not online else "binary rankers combine by product" if binary else ""
+    unused["selection.combine"] = combine
+    unused.update({f"rankers.{i}.weight": combine for i in range(len(cfg.rankers))})
+    unused.update({f"eval.rankers.{i}.weight": "evaluation reports each ranker's own mean"
+                   for i in range(len(cfg.eval.rankers))})
+    if cfg.prompts.eval_path:
+        unused["prompts.eval_count"] = "it splits held-out prompts from prompts.path, and prompts.eval_path is set"
+    if not cfg.eval.every:
+        unused["eval.early_stopping_patience"] = "it counts the evaluations every eval.every steps, and eval.every is 0"
+    defaults = _flatten(RunConfig.model_construct().model_dump(mode="json"))
+    values = _flatten(resolved.to_dict())
+    for key, why in unused.items():
+        default = 1.0 if key.endswith(".weight") else defaults[key]
+        if why and values[key] != default and recommended.get(key, default) != values[key]:
+            raise ConfigError(f"{key}: {values[key]!r} would change nothing: {why} "
+                              f"({key} from {resolved.origins.get(key, 'default')}; remove it)")

@@ -418,13 +418,13 @@ class Trainer:
                 f"{sum(failures)} prompts failed in the last {len(failures)} steps "
                 f"(limit train.max_failures={cfg.train.max_failures}); last: {self._last_failure}"
             )
+        record["lr"] = self.scheduler.get_last_lr()[0]  # the rate this step's update uses
         with self.timer("optimizer"):
             params = self.generator.trainable_parameters()
             record["grad_norm"] = float(self.accelerator.clip_grad_norm_(params, cfg.train.max_grad_norm))
             self.optimizer.step()
             self.scheduler.step()
             self._update_ema()
-        record["lr"] = self.scheduler.get_last_lr()[0]
         record["time"] = self.timer.split()
         return record
 

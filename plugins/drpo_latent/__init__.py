@@ -12,7 +12,7 @@ get started, not for quality.
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
 from drpo_core import hookimpl
 
@@ -23,6 +23,13 @@ class LatentOptions(BaseModel):
     model_config = ConfigDict(extra="forbid")
     keys: list[Literal[KEYS]] = Field(default_factory=lambda: list(KEYS[1:]), min_length=1)  # type: ignore[valid-type]
     stride: int = Field(4, ge=1, description="spatial stride of the raw `latent` key")
+
+    @field_validator("stride")
+    @classmethod
+    def _stride_needs_latent(cls, stride: int, info: ValidationInfo) -> int:
+        if "latent" not in info.data.get("keys", KEYS):
+            raise ValueError("it strides the raw `latent` key only, which keys does not include")
+        return stride
 
 
 @hookimpl
