@@ -20,6 +20,7 @@ Every error is a :class:`ConfigError` with one line naming the keys and where th
 from __future__ import annotations
 
 import copy
+import importlib.util
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -206,10 +207,25 @@ class EvalConfig(_Strict):
     _rankers = field_validator("rankers", mode="before")(classmethod(lambda cls, v: ranker_list(v)))
 
 
+#: tracker -> (the module it needs, how to install it)
+TRACKER_PACKAGES = {"tensorboard": ("tensorboard", 'pip install "drpo[tracking]"'),
+                    "wandb": ("wandb", 'pip install "drpo[wandb]"')}
+
+
 class LogConfig(_Strict):
-    trackers: list[Literal["tensorboard", "wandb"]] = Field(default_factory=list)
+    trackers: list[Literal["tensorboard", "wandb"]] = Field(
+        default_factory=list, description="log the per-step and evaluation metrics to these too (see drpo_core.tracking)")
     sync_timing_every: int = Field(10, ge=1, description="synchronise CUDA for timings every N steps")
     progress: bool = True
+
+    @field_validator("trackers")
+    @classmethod
+    def _installed(cls, trackers: list[str]) -> list[str]:
+        for name in trackers:
+            module, install = TRACKER_PACKAGES[name]
+            if importlib.util.find_spec(module) is None:
+                raise ValueError(f"{name} is not installed: {install}")
+        return trackers
 
 
 class RunConfig(_Strict):
@@ -524,6 +540,7 @@ def resolve_config(
     resolved = ResolvedConfig(config, origins, config_dir, conflicts)
     _validate_components(resolved, registry)
     _check_feasible(resolved)
+    _check_effective(resolved, _flatten(recommended))
     return resolved
 
 
@@ -690,3 +707,36 @@ def _check_feasible(resolved: ResolvedConfig) -> None:
         keys = [f"rankers.{i}.name" for i in binary]
         raise ConfigError("rankers: binary rankers (0/1 correctness) cannot be mixed with graded ones in one run "
                           f"({named(*keys)})")
+
+
+def _dumped(value: Any) -> Any:
+    return value.model_dump(mode="json") if isinstance(value, BaseModel) else value
+
+
+def _check_effective(resolved: ResolvedConfig, recommended: dict[str, Any]) -> None:
+    """A setting changed from its default that this run would ignore: one line instead of a silent no-op.
+    A component's recommended value is never refused (a recipe may serve several kinds of run)."""
+    cfg = resolved.config
+    online = cfg.source.kind == "online"
+    binary = "binary" in resolved.specs["rankers.0"].provides  # one kind for all: checked by _check_feasible
+    anchors = {"offline": "chosen/rejected pairs", "data": "real images"}.get(cfg.source.kind)
+    not_ranked = f"source.kind {cfg.source.kind} takes its anchors from {anchors}, not from ranking"
+    unused: dict[str, str] = {}  # key -> why this run ignores it ("": it does not)
+    for key in ("rollout_rounds", "fresh_anchors", "positive_memory"):
+        unused[f"selection.{key}"] = not_ranked if not online else "" if binary else "it is for binary rankers only"
+    unused["selection.shuffle_scores"] = "" if online else not_ranked
+    combine = not_ranked if not online else "binary rankers combine by product" if binary else ""
+    unused["selection.combine"] = combine
+    unused.update({f"rankers.{i}.weight": combine for i in range(len(cfg.rankers))})
+    unused.update({f"eval.rankers.{i}.weight": "evaluation reports each ranker's own mean"
+                   for i in range(len(cfg.eval.rankers))})
+    if not cfg.eval.every:
+        unused["eval.early_stopping_patience"] = "it counts the evaluations every eval.every steps, and eval.every is 0"
+    defaults = _flatten({name: _dumped(info.get_default(call_default_factory=True))
+                         for name, info in RunConfig.model_fields.items() if not info.is_required()})
+    values = _flatten(resolved.to_dict())
+    for key, why in unused.items():
+        default = 1.0 if key.endswith(".weight") else defaults[key]
+        if why and values[key] != default and recommended.get(key, default) != values[key]:
+            raise ConfigError(f"{key}: {values[key]!r} would change nothing: {why} "
+                              f"({key} from {resolved.origins.get(key, 'default')}; remove it)")

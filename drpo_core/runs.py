@@ -28,7 +28,10 @@ def load_generator(run_dir: str | Path, checkpoint: str = "latest", device: str 
     A run that kept an EMA (``train.ema_decay``) gives the EMA weights, the ones its evaluation used.
     """
     path = resolve_checkpoint(Path(run_dir), checkpoint)
-    config = resolve_config(base=read_yaml(path / "config.yaml"), base_origin=str(path / "config.yaml"))
+    saved = read_yaml(path / "config.yaml")
+    if isinstance(saved.get("log"), dict):  # loading weights logs nothing: no tracker package needed here
+        saved["log"]["trackers"] = []
+    config = resolve_config(base=saved, base_origin=str(path / "config.yaml"))
     cfg = config.config
     context = BuildContext(device=device, mixed_precision=cfg.train.mixed_precision, seed=cfg.seed,
                            config_dir=config.config_dir)

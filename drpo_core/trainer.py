@@ -74,6 +74,7 @@ from drpo_core.sources import (
     read_pairs,
     summarise_skips,
 )
+from drpo_core.tracking import Trackers
 
 
 @dataclass
@@ -106,6 +107,8 @@ class _Batch:
 
 
 class Trainer:
+    trackers = Trackers()  # log.trackers: none until train() opens them
+
     def __init__(self, resolved: ResolvedConfig, *, registry: Registry | None = None,
                  command_line: Sequence[str] | None = None, console: Console | None = None,
                  data_sampler: DataSampler | None = None):
@@ -119,9 +122,8 @@ class Trainer:
         self.run_dir = Path(self.cfg.output_dir)
         train = self.cfg.train
         self.accelerator = Accelerator(
-            mixed_precision=train.mixed_precision, cpu=train.device == "cpu",
-            log_with=self.cfg.log.trackers or None, project_dir=str(self.run_dir),
-        )
+            mixed_precision=train.mixed_precision, cpu=train.device == "cpu", project_dir=str(self.run_dir),
+        )  # log.trackers are drpo_core.tracking's, opened by train()
         self.device = self.accelerator.device if train.device in ("auto", "cpu") else torch.device(train.device)
         self.k = self.cfg.selection.candidates
         self._shuffle_rng = torch.Generator().manual_seed(self.cfg.seed)  # selection.shuffle_scores only
@@ -377,6 +379,9 @@ class Trainer:
             check_new_run_dir(self.run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
         start_step = self._resume(resume) if resume else 0
+        # before the run's files: a tracker that cannot start (wandb without a login) leaves no run behind
+        self.trackers = Trackers(cfg.log.trackers, self.run_dir, start_step=start_step, resumed=bool(resume),
+                                 config=self.resolved.to_dict(), enabled=self.accelerator.is_main_process)
         self._write_run_info(resumed=bool(resume))
         self.metrics = MetricsLog(self.run_dir / "metrics.jsonl", resume_lines=self._metrics_lines)
         self.timer = StepTimer()
@@ -397,6 +402,7 @@ class Trainer:
                     step += 1
                     record["step"] = step
                     self.metrics.write(record)
+                    self.trackers.log(record, "train")
                     progress.update(task, completed=step, metrics=_progress_text(record))
                     if cfg.eval.every and step % cfg.eval.every == 0 and step < cfg.train.steps:
                         with self.ema_weights():
@@ -405,6 +411,9 @@ class Trainer:
                             break
                     if step % cfg.checkpoint.every == 0:
                         self.save(step)
+        except BaseException:
+            self.trackers.close()  # what they hold is flushed; wandb marks its run finished
+            raise
         finally:
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
@@ -413,10 +422,12 @@ class Trainer:
             self.console.print(f"stopped by {self._stop_signal} at step {step}; resume with "
                                f"`drpo train --resume latest --output-dir {self.run_dir}`")
             self._finish_run_info(step, {})
+            self.trackers.close()
             return {"step": step, "stopped": self._stop_signal}
         with self.ema_weights():
             summary = self.evaluator.run(step, self._log_eval, final=True)
         self.accelerator.end_training()
+        self.trackers.close()
         self._finish_run_info(step, summary or {})
         return {"step": step, **(summary or {})}
 
@@ -440,13 +451,13 @@ class Trainer:
                 f"{sum(failures)} prompts failed in the last {len(failures)} steps "
                 f"(limit train.max_failures={cfg.train.max_failures}); last: {self._last_failure}"
             )
+        record["lr"] = self.scheduler.get_last_lr()[0]  # the rate this step's update uses
         with self.timer("optimizer"):
             params = self.generator.trainable_parameters()
             record["grad_norm"] = float(self.accelerator.clip_grad_norm_(params, cfg.train.max_grad_norm))
             self.optimizer.step()
             self.scheduler.step()
             self._update_ema()
-        record["lr"] = self.scheduler.get_last_lr()[0]
         record["time"] = self.timer.split()
         return record
 
@@ -485,9 +496,7 @@ class Trainer:
     def _log_eval(self, record: dict[str, Any]) -> None:
         with (self.run_dir / "eval.jsonl").open("a") as handle:
             handle.write(json.dumps(record) + "\n")
-        if self.cfg.log.trackers:
-            flat = {k: v for k, v in record.items() if isinstance(v, (int, float))}
-            self.accelerator.log(flat, step=record["step"])
+        self.trackers.log(record, "eval")
 
     # -- checkpoints -------------------------------------------------------------------------
 

@@ -128,7 +128,9 @@ def test_gradients_reach_only_lora_parameters(tiny_dirs, arch):
 @pytest.mark.parametrize("arch", ARCHS)
 def test_training_changes_sample_but_not_reference(tiny_dirs, arch):
     gen = tiny_generator(arch, tiny_dirs[arch])
-    assert gen.unet.is_gradient_checkpointing  # the default, exercised by the backward passes below
+    assert not gen.unet.is_gradient_checkpointing  # train.gradient_checkpointing decides: the trainer turns it on
+    gen.enable_gradient_checkpointing()  # as the trainer does by default; exercised by the backward passes below
+    assert gen.unet.is_gradient_checkpointing
     gen.train(True)
     noise = make_noise(gen)
     with torch.no_grad():

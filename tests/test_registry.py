@@ -327,7 +327,7 @@ def test_options_are_validated_naming_the_plugin_key(registry):
         registry.validate_options("feature", "latent", {"strid": 2}, "features")
     with pytest.raises(ConfigError, match=r"^kernel\.width: unknown key \(kernel 'rbf' takes no options\)$"):
         registry.validate_options("kernel", "rbf", {"width": 2}, "kernel")
-    assert registry.validate_options("feature", "latent", {"stride": 2}, "features").stride == 2
+    assert registry.validate_options("feature", "latent", {"stride": 2, "keys": ["latent"]}, "features").stride == 2
 
 
 def test_a_factory_missing_a_package_names_the_component_and_distribution():

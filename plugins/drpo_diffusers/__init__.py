@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 import re
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
@@ -61,11 +61,17 @@ class TurboOptions(BaseModel):
         description="UNet module names (suffixes) that get adapters",
         min_length=1,
     )
-    gradient_checkpointing: bool = True
     resolution: int = Field(512, ge=8, description="image size in pixels (square)")
     decode_chunk: int = Field(4, ge=1, description="images the VAE decodes at once")
     vae_slicing: bool = False
     vae_tiling: bool = False
+
+    gradient_checkpointing: None = Field(None, description="moved to train.gradient_checkpointing")
+
+    @field_validator("gradient_checkpointing", mode="before")
+    @classmethod
+    def _moved(cls, value: Any) -> None:
+        raise ValueError("set train.gradient_checkpointing instead (the trainer turns it on or off)")
 
     @field_validator("resolution")
     @classmethod

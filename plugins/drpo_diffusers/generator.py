@@ -90,7 +90,6 @@ class TurboGenerator(Generator):
         lora_rank: int = 16,
         lora_alpha: float = 16.0,
         lora_target_modules: Sequence[str] = DEFAULT_TARGET_MODULES,
-        gradient_checkpointing: bool = True,
         decode_chunk: int = 4,
         vae_slicing: bool = False,
         vae_tiling: bool = False,
@@ -138,8 +137,6 @@ class TurboGenerator(Generator):
             self.unet.requires_grad_(True)
             self.unet.to(torch.float32)  # fp32 master weights for full fine-tuning
             self._weight_dtype = torch.float32
-        if gradient_checkpointing:
-            self.enable_gradient_checkpointing()
 
         h = resolution // pipe.vae_scale_factor
         self.noise_shape = (self.unet.config.in_channels, h, h)
@@ -152,6 +149,9 @@ class TurboGenerator(Generator):
     def from_options(cls, options: Any, context: BuildContext, architecture: str) -> TurboGenerator:
         """Load the pipeline named by ``options.model`` and wrap it (see ``drpo_diffusers`` options)."""
         model, is_local = _resolve_model(options.model, context.config_dir)
+        if is_local and options.revision is not None:
+            raise PluginError(f"revision {options.revision!r}: model {options.model!r} is a local directory, which has "
+                              "no revisions (they are for hub ids)")
         load_kw = {"revision": options.revision, "variant": options.variant}
         _check_pipeline_class(model, is_local, architecture, load_kw)
         dtype = _pick_dtype(options.dtype, context)
@@ -167,7 +167,6 @@ class TurboGenerator(Generator):
             lora_rank=options.lora_rank,
             lora_alpha=options.lora_alpha,
             lora_target_modules=options.lora_target_modules,
-            gradient_checkpointing=options.gradient_checkpointing,
             decode_chunk=options.decode_chunk,
             vae_slicing=options.vae_slicing,
             vae_tiling=options.vae_tiling,

@@ -12,7 +12,7 @@ get started, not for quality.
 
 from typing import Literal, get_args
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
 from drpo_core import hookimpl
 from drpo_core.context import BuildContext
@@ -28,6 +28,13 @@ class LatentOptions(BaseModel):
     model_config = ConfigDict(extra="forbid")
     keys: list[LatentKey] = Field(default_factory=lambda: list(KEYS[1:]), min_length=1)
     stride: int = Field(4, ge=1, description="spatial stride of the raw `latent` key")
+
+    @field_validator("stride")
+    @classmethod
+    def _stride_needs_latent(cls, stride: int, info: ValidationInfo) -> int:
+        if "latent" not in info.data.get("keys", KEYS):
+            raise ValueError("it strides the raw `latent` key only, which keys does not include")
+        return stride
 
 
 @hookimpl

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any, Literal
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, ValidationInfo, field_validator
 
 from drpo_core import hookimpl
 from drpo_core.context import BuildContext, LocalPath
@@ -39,15 +39,41 @@ class GeneratorOptions(BaseModel):
     weights: LocalPath | None = None
     init: Literal["pretrained", "random"] = "pretrained"
 
+    @field_validator("init")
+    @classmethod
+    def _weights_need_pretrained(cls, init: str, info: ValidationInfo) -> str:
+        if init == "random" and info.data.get("weights") is not None:
+            raise ValueError("random ignores the weights option: drop weights, or use init: pretrained")
+        return init
+
 
 class FeatureOptions(BaseModel):
     model_config = ConfigDict(extra="forbid")
     #: seed of the fixed random CNN (changing it changes the feature space)
     seed: int = 0
-    #: drop the keys starting with any of these prefixes (ablations), e.g. ["edge", "cnn"]
-    exclude: list[str] = []
     #: the count-aware encoder's keys (enc, enc_cells); false = the pixel and random-CNN keys only
     encoder: bool = True
+    #: drop the keys starting with any of these prefixes (ablations), e.g. ["edge", "cnn"]
+    exclude: list[str] = []
+
+    @field_validator("exclude")
+    @classmethod
+    def _prefixes_match(cls, exclude: list[str], info: ValidationInfo) -> list[str]:
+        keys = feature_keys(info.data.get("encoder", True))
+        for prefix in exclude:
+            if not any(key.startswith(prefix) for key in keys):
+                raise ValueError(f"{prefix!r} matches no key (keys: patch8@R,C, patch4@R,C, pool4, color, edges, "
+                                 f"edge_cells, cnn1-3{', enc, enc_cells' if info.data.get('encoder', True) else ''})")
+        if info.data.get("seed", 0) != 0 and all(any(k.startswith(p) for p in exclude) for k in keys if k[:3] == "cnn"):
+            raise ValueError("it removes the random CNN's keys (cnn1-3), so its seed would change nothing")
+        return exclude
+
+
+def feature_keys(encoder: bool = True) -> list[str]:
+    """The keys of the shapes feature space (``drpo_shapes.features``) on the world's 32x32 images."""
+    cells = [f"{r},{c}" for r in range(4) for c in range(4)]
+    return [*(f"patch8@{cell}" for cell in cells), *(f"patch4@{cell}" for cell in cells), "pool4", "color",
+            "edges", "edge_cells", "cnn1", "cnn2", "cnn3", *(("enc", "enc_cells") if encoder else ())]
 
 
 @hookimpl
