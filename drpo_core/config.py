@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import copy
 import re
+import typing
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -443,7 +444,7 @@ class ResolvedConfig:
             section = _section_data(data, where)
             fields = getattr(spec.options, "model_fields", {})
             for key, info in fields.items():
-                if LOCAL_PATH in info.metadata and isinstance(section.get(key), str):
+                if _is_local_path(info) and isinstance(section.get(key), str):
                     section[key] = self._absolute(section[key], only_existing=True)
         return yaml.safe_dump(data, sort_keys=False)
 
@@ -454,6 +455,13 @@ class ResolvedConfig:
         if only_existing and not resolved.exists():
             return path  # a hub id, not a path
         return str(resolved.resolve())
+
+
+def _is_local_path(info: Any) -> bool:
+    """A field annotated ``LocalPath``, also inside ``LocalPath | None`` (where pydantic keeps no metadata)."""
+    if LOCAL_PATH in info.metadata:
+        return True
+    return any(LOCAL_PATH in getattr(arg, "__metadata__", ()) for arg in typing.get_args(info.annotation))
 
 
 def _section_data(data: dict[str, Any], where: str) -> dict[str, Any]:
