@@ -22,6 +22,7 @@ from __future__ import annotations
 import copy
 import importlib.util
 import re
+import typing
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -459,7 +460,7 @@ class ResolvedConfig:
             options = _section_data(data, where)
             fields = getattr(spec.options, "model_fields", {})
             for key, info in fields.items():
-                if LOCAL_PATH in info.metadata and isinstance(options.get(key), str):
+                if _is_local_path(info) and isinstance(options.get(key), str):
                     options[key] = self._absolute(options[key], only_existing=True)
         return yaml.safe_dump(data, sort_keys=False)
 
@@ -470,6 +471,13 @@ class ResolvedConfig:
         if only_existing and not resolved.exists():
             return path  # a hub id, not a path
         return str(resolved.resolve())
+
+
+def _is_local_path(info: Any) -> bool:
+    """A field annotated ``LocalPath``, also inside ``LocalPath | None`` (where pydantic keeps no metadata)."""
+    if LOCAL_PATH in info.metadata:
+        return True
+    return any(LOCAL_PATH in getattr(arg, "__metadata__", ()) for arg in typing.get_args(info.annotation))
 
 
 def _section_data(data: dict[str, Any], where: str) -> dict[str, Any]:

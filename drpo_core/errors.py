@@ -15,3 +15,7 @@ class PluginError(DrpoError):
 
 class ComponentError(DrpoError):
     """A component misbehaved at run time (a ranker returned NaN or the wrong count, ...)."""
+
+
+class AssetError(DrpoError):
+    """A model file is missing, cannot be downloaded, fails its checksum or cannot be read safely."""

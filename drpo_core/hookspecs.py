@@ -30,6 +30,10 @@ aliases=(), summary="", provides=(), requires=())``:
 
 When two recommendations disagree, the more specific wins: pair recommendations, then the generator,
 the feature space, the rankers in list order, the kernel (``drpo config show`` lists each conflict).
+
+Model files that are not on the Hugging Face hub are *assets* (:mod:`drpo_core.assets`), registered with
+``drpo_register_assets(register)``: ``register(name, *, url, sha256, licence, filename="", summary="")``.
+A component gets the local file with ``drpo_core.assets.path(name)``; ``drpo assets list`` shows them.
 """
 
 from __future__ import annotations
@@ -78,6 +82,26 @@ class Register(Protocol[T_contra]):
     ) -> None: ...
 
 
+class RegisterAsset(Protocol):
+    """The ``register`` callback of ``drpo_register_assets``: one downloadable file (``drpo_core.assets.Asset``).
+
+    ``url``: ``https://``, ``file://`` or ``hf://org/repo[@revision]/path``; ``sha256``: 64 hex digits, or
+    ``"unverified"`` when it could not be computed; ``licence``: as the publisher states it ("not stated");
+    ``filename``: the cached file's name (default: the URL's last segment).
+    """
+
+    def __call__(
+        self,
+        name: str,
+        *,
+        url: str,
+        sha256: str,
+        licence: str,
+        filename: str = "",
+        summary: str = "",
+    ) -> None: ...
+
+
 @hookspec
 def drpo_register_generators(register: Register[Generator]) -> None:
     """Register one-step generators (``drpo_core.interfaces.Generator``)."""
@@ -96,6 +120,11 @@ def drpo_register_features(register: Register[FeatureSpace]) -> None:
 @hookspec
 def drpo_register_kernels(register: Register[Kernel]) -> None:
     """Register drift kernels (``Kernel``)."""
+
+
+@hookspec
+def drpo_register_assets(register: RegisterAsset) -> None:
+    """Register model files components download (``drpo_core.assets.Asset``): ``drpo assets list``."""
 
 
 @hookspec

@@ -27,6 +27,7 @@ from typing import Any
 import pluggy
 
 from drpo_core import hookspecs
+from drpo_core.assets import Asset
 from drpo_core.context import BuildContext
 from drpo_core.errors import ConfigError, PluginError
 from drpo_core.interfaces import API_VERSION
@@ -34,12 +35,13 @@ from drpo_core.validation import validate_model
 
 ENTRY_POINT_GROUP = "drpo"
 BUILTIN_DISTRIBUTION = "drpo"
-KINDS = ("generator", "ranker", "feature", "kernel")
+KINDS = ("generator", "ranker", "feature", "kernel", "asset")
 _HOOKS = {
     "generator": "drpo_register_generators",
     "ranker": "drpo_register_rankers",
     "feature": "drpo_register_features",
     "kernel": "drpo_register_kernels",
+    "asset": "drpo_register_assets",
 }
 
 
@@ -71,6 +73,8 @@ class ComponentSpec:
     summary: str = ""
     provides: tuple[str, ...] = ()
     requires: tuple[str, ...] = ()
+    #: what a data kind registers instead of a factory (an asset's :class:`drpo_core.assets.Asset`)
+    record: Any = None
 
     def recommended(self, variant: str | None) -> dict[str, Any]:
         """The component's recommended run settings for a variant, as ``{"dotted.key": value}``."""
@@ -168,8 +172,13 @@ class Registry:
         def register(name: str, factory: Callable[[Any, BuildContext], Any], **details: Any) -> None:
             self._add(ComponentSpec(kind=kind, name=name, factory=factory, plugin=info, **_normalise(details)))
 
+        def register_asset(name: str, **details: Any) -> None:
+            asset = Asset(name=name, **details)
+            self._add(ComponentSpec(kind=kind, name=name, factory=lambda options, context: asset, plugin=info,
+                                    summary=asset.summary, record=asset))
+
         try:
-            hook(register=register)
+            hook(register=register_asset if kind == "asset" else register)
         except Exception as error:
             self._mark_broken(info, error, append=False)
 
@@ -238,7 +247,8 @@ class Registry:
             known = self.names(kind) + sorted(self._aliases[kind])
             close = difflib.get_close_matches(name, known, n=3, cutoff=0.5)
             hint = f"did you mean {', '.join(close)}? " if close else ""
-            raise PluginError(f"unknown {kind} {name!r}: {hint}run `drpo list-plugins` to see the installed ones"
+            listing = "drpo assets list" if kind == "asset" else "drpo list-plugins"
+            raise PluginError(f"unknown {kind} {name!r}: {hint}run `{listing}` to see the installed ones"
                               + self._unloaded_hint())
         if variant is not None and spec.variants is not None and variant not in spec.variants:
             raise PluginError(
@@ -247,6 +257,15 @@ class Registry:
         if variant is not None and spec.variants is None:
             raise PluginError(f"{kind} {name!r} takes no variant (got {reference!r})")
         return spec
+
+    def asset(self, name: str) -> Asset:
+        """The :class:`drpo_core.assets.Asset` registered under ``name`` (unknown names: the closest ones)."""
+        record: Asset = self.get("asset", name).record
+        return record
+
+    def assets(self) -> list[Asset]:
+        """Every registered asset, by name."""
+        return [self.asset(name) for name in self.names("asset")]
 
     def _unloaded_hint(self) -> str:
         """Plugins that might provide an unknown name: their components are unknown until they load."""

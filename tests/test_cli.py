@@ -100,7 +100,7 @@ def test_list_plugins_of_the_installed_builtins(runner, monkeypatch):
     monkeypatch.setattr(registry_module, "_default", registry_module.Registry().load_entry_points())
     rows = json.loads(runner.invoke(app, ["list-plugins", "--json"]).stdout)
     builtins = {row["name"]: row for row in rows if row["builtin"]}
-    assert {"kernels", "latent", "image-rankers", "shapes", "diffusers"} <= set(builtins)
+    assert {"kernels", "latent", "mae", "image-rankers", "shapes", "diffusers"} <= set(builtins)
     assert all(row["distribution"] == "drpo" and row["state"] == "loaded" for row in builtins.values())
     assert builtins["diffusers"]["components"]["generator"] == ["sd-turbo", "sdxl-turbo"]
 

@@ -283,7 +283,7 @@ def test_recommended_settings_of_a_builtin_generator_are_shown_with_their_origin
     recipe = write("generator: sd-turbo\nrankers: [brightness]\nkernel: laplacian\ntrain: {lr: 2e-5}\n"
                    "prompts: {path: prompts.txt}\n")
     resolved = resolve_config(recipe, registry=builtin_registry)
-    assert (resolved.config.features.name, resolved.origins["features.name"]) == ("latent", "generator sd-turbo")
+    assert (resolved.config.features.name, resolved.origins["features.name"]) == ("latent-mae", "generator sd-turbo")
     assert (resolved.config.selection.candidates, resolved.origins["selection.candidates"]) == (
         24, "generator sd-turbo")
     assert (resolved.config.train.lr, resolved.origins["train.lr"]) == (2e-5, recipe)

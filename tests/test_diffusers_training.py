@@ -13,6 +13,7 @@ from drpo_core.noise import sample_noise
 from drpo_core.registry import Registry
 from drpo_core.runs import load_generator
 from drpo_core.trainer import Trainer
+from drpo_mae.testing import write_tiny_checkpoint
 
 ARCHITECTURES = {"sd": "sd-turbo", "sdxl": "sdxl-turbo"}
 
@@ -34,7 +35,11 @@ def test_drpo_steps_then_export_reproduces_the_trained_generator(tmp_path, tiny_
     config = {
         "generator": {"name": ARCHITECTURES[architecture], "model": str(tiny_dirs[architecture]),
                       "resolution": 32, "lora_rank": 4, "lora_alpha": 8},
-        "rankers": ["brightness"], "features": "latent",
+        "rankers": ["brightness"],
+        # SD: the recommended latent-MAE on tiny weights (16x16 latents: layer4 is 2x2); SDXL: the raw latents
+        "features": ({"name": "latent-mae", "weights": str(write_tiny_checkpoint(tmp_path / "mae.pth")),
+                      "keys": ["layer4_mean", "layer4_std", "layer4_mean_2", "layer4_std_2"]}
+                     if architecture == "sd" else "latent"),
         "selection": {"candidates": 4, "positives": 1, "negatives": 1},
         "train": {"steps": 2, "lr": 1e-2, "mixed_precision": "no"},
         "prompts": {"path": str(prompts), "eval_count": 1}, "eval": {"seeds": "0-1"},

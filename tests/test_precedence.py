@@ -46,7 +46,8 @@ def test_the_toy_recipe_does_not_leak_into_a_named_generator(generator, builtins
     resolved = resolve_config(flags={"generator": generator, "rankers": "brightness"}, assignments=[PROMPTS],
                               registry=builtins)
     cfg, origins = resolved.config, resolved.origins
-    assert cfg.features.name == "latent" and origins["features.name"] == f"generator {generator}"
+    recommended = {"sd-turbo": "latent-mae", "sdxl-turbo": "latent"}[generator]  # SD-Turbo: the paper's latent-MAE
+    assert cfg.features.name == recommended and origins["features.name"] == f"generator {generator}"
     assert not cfg.train.single_pass and cfg.train.ema_decay is None and cfg.selection.positive_memory == 0
     assert not any(origin == "default recipe" for origin in origins.values())
 

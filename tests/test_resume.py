@@ -14,6 +14,7 @@ import yaml
 from safetensors.torch import load_file
 
 from drpo_core.metrics import read_metrics
+from drpo_mae.testing import write_tiny_checkpoint
 
 DRPO = shutil.which("drpo", path=str(Path(sys.executable).parent))
 
@@ -33,9 +34,12 @@ def recipe_dir(tmp_path, tiny_dirs):
     folder.mkdir()
     shutil.copytree(tiny_dirs["sd"], folder / "tiny-sd")
     (folder / "prompts.txt").write_text("a red apple\na blue car\na cat\na dog\n")
+    write_tiny_checkpoint(folder / "tiny-mae.pth")  # SD-Turbo's recommended latent-MAE, tiny weights beside the recipe
     (folder / "recipe.yaml").write_text(yaml.safe_dump({
         "generator": {"name": "sd-turbo", "model": "tiny-sd", "resolution": 32, "lora_rank": 4},
         "rankers": ["brightness"],
+        "features": {"name": "latent-mae", "weights": "tiny-mae.pth", "keys": ["layer4_mean", "layer4_std",
+                                                                               "layer3_mean_2", "layer3_std_2"]},
         "selection": {"candidates": 4, "positives": 1, "negatives": 1},
         "train": {"steps": 6, "grad_accum": 1, "lr": 1e-2, "mixed_precision": "no"},
         "prompts": {"path": "prompts.txt", "eval_count": 1}, "eval": {"seeds": "0-1"},

@@ -35,6 +35,9 @@ app = typer.Typer(cls=_OneLineErrors, no_args_is_help=True, add_completion=False
                   help="Drifting Preference Optimization for one-step image generators.")
 config_app = typer.Typer(cls=_OneLineErrors, no_args_is_help=True, help="Show or check run configs.")
 app.add_typer(config_app, name="config")
+assets_app = typer.Typer(cls=_OneLineErrors, no_args_is_help=True,
+                         help="Model files components download (not on the Hugging Face hub): list, fetch.")
+app.add_typer(assets_app, name="assets")
 
 
 @app.callback()
@@ -211,6 +214,50 @@ def list_plugins(as_json: Annotated[bool, typer.Option("--json", help="Machine-r
             table.add_row(row["name"] if first else "", component, summary, row["distribution"] if first else "",
                           row["version"] if first else "", state if first else "")
     console.print(table)
+
+
+@assets_app.command("list")
+def assets_list(as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False) -> None:
+    """Every registered asset: where it is cached, whether it is verified, its licence and source."""
+    from drpo_core.assets import cache_dir, state
+    from drpo_core.registry import get_registry
+
+    rows = []
+    for asset in get_registry().assets():
+        found = state(asset)
+        rows.append({"name": asset.name, "status": found.status, "path": str(found.path), "licence": asset.licence,
+                     "sha256": asset.sha256, "url": asset.url, "summary": asset.summary})
+    if as_json:
+        typer.echo(json.dumps(rows, indent=2))
+        return
+    table = Table("asset", "status", "licence", "cached at", box=None, pad_edge=False)
+    for row in rows:
+        table.add_row(row["name"], row["status"], row["licence"], row["path"])
+    table.columns[3].overflow = "fold"
+    console.print(table)
+    console.print(f"cache: {cache_dir()} (DRPO_CACHE); `drpo assets fetch NAME` downloads one")
+
+
+@assets_app.command("fetch")
+def assets_fetch(name: Annotated[str, typer.Argument(help="Asset name (drpo assets list).")],
+                 force: Annotated[bool, typer.Option("--force", help="Download again even if cached.")] = False
+                 ) -> None:
+    """Download an asset into the cache and check its SHA-256."""
+    from rich.progress import BarColumn, DownloadColumn, Progress, TransferSpeedColumn
+
+    from drpo_core.assets import fetch, state
+    from drpo_core.registry import get_registry
+
+    asset = get_registry().asset(name)
+    before = state(asset)
+    with Progress("{task.description}", BarColumn(), DownloadColumn(), TransferSpeedColumn(), console=console,
+                  transient=True) as progress:
+        task = progress.add_task(asset.name, total=None)
+        path = fetch(asset, force=force, progress=lambda done, total: progress.update(task, completed=done,
+                                                                                      total=total))
+    after = state(asset)
+    verb = "already cached" if before.present and not force else "fetched"
+    typer.echo(f"{asset.name}: {verb} at {path} ({after.status})")
 
 
 def _plugin_row(info: Any, clashes: dict[tuple[str, str], list[Any]]) -> dict[str, Any]:

@@ -103,15 +103,16 @@ PAPER_DRIFT = {
     "train.prompts_per_step": 1,
     "train.grad_accum": 8,
 }
-#: SD-Turbo (the paper's path): K=24, lr 1e-4, fp16, 1,000 steps; its latent-MAE keys' losses are summed.
-#: Feature space: the raw latents until latent-MAE lands (the paper's default for SD-Turbo).
+#: SD-Turbo (the paper's path): K=24, lr 1e-4, fp16, 1,000 steps, latent-MAE features (its six layer4 keys)
+#: whose keys' losses are summed. Not the raw latents: the paper's ablation puts them below the base model
+#: (method.md §11.6).
 SD_TURBO_DEFAULTS = {
     **PAPER_DRIFT,
     "selection.candidates": 24,
     "train.lr": 1e-4,
     "train.mixed_precision": "fp16",
     "train.steps": 1000,
-    "features.name": "latent",
+    "features.name": "latent-mae",
     "drift.aggregation": "sum",
 }
 #: SDXL-Turbo: K=16, lr 1e-5, bf16, 5,000 steps; its pixel-MAE and teacher-UNet keys' losses are averaged.
@@ -124,8 +125,10 @@ SDXL_TURBO_DEFAULTS = {
     "features.name": "latent",
     "drift.aggregation": "mean",
 }
-#: what both generators hand to feature spaces
-PROVIDES = ("latents", "images")
+#: what both generators hand to feature spaces: latents, decoded images, and that the latents are those of a
+#: 4-channel Stable Diffusion VAE (scaled by its factor): what latent-MAE was trained on (SD-VAE; SDXL's VAE
+#: shares the architecture with retrained weights)
+PROVIDES = ("latents", "images", "sd-vae-latents")
 
 
 @hookimpl

@@ -1,35 +1,39 @@
 """Latent statistics as particle sets; see the package docstring for the keys."""
 
+from __future__ import annotations
+
 from collections.abc import Sequence
 
 import torch
-import torch.nn.functional as F
 
+from drpo_core.errors import ComponentError
 from drpo_core.interfaces import FeatureContext, FeatureSpace
-
-
-def _grid_stats(x: torch.Tensor, grid: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Channel mean and std inside each cell of a grid x grid partition: (B, grid*grid, C) each."""
-    mean = F.adaptive_avg_pool2d(x, grid)
-    var = (F.adaptive_avg_pool2d(x * x, grid) - mean * mean).clamp_min(0)
-    std = (var + 1e-6).sqrt()
-    return mean.flatten(2).transpose(1, 2), std.flatten(2).transpose(1, 2)
+from drpo_core.pooling import channel_rms, patch_stats, spatial_stats, spatial_tokens
 
 
 class LatentFeatures(FeatureSpace):
     input = "latents"
 
-    def __init__(self, keys: Sequence[str], stride: int = 4):
+    def __init__(self, keys: Sequence[str], stride: int = 1) -> None:
         self.keys, self.stride = list(keys), stride
 
-    def features(self, x: torch.Tensor, context: FeatureContext) -> dict[str, torch.Tensor]:
+    def features(self, x: torch.Tensor, context: FeatureContext | None = None) -> dict[str, torch.Tensor]:
         x = x.float()
         out: dict[str, torch.Tensor] = {}
         for key in self.keys:
             if key == "latent":
-                out[key] = x[:, :, :: self.stride, :: self.stride].flatten(2).transpose(1, 2)
-                continue
-            _, stat, *grid = key.split("_")
-            mean, std = _grid_stats(x, int(grid[0]) if grid else 1)
-            out[key] = mean if stat == "mean" else std
+                out[key] = spatial_tokens(x, self.stride)
+            elif key == "latent_norm":
+                out[key] = channel_rms(x)
+            else:
+                _, stat, *patch = key.split("_")
+                if patch:
+                    try:
+                        mean, std = patch_stats(x, int(patch[0]))
+                    except ValueError as error:
+                        raise ComponentError(f"latent feature key {key!r}: {error} (latents of shape "
+                                             f"{tuple(x.shape[1:])})") from None
+                else:
+                    mean, std = spatial_stats(x)
+                out[key] = mean if stat == "mean" else std
         return out
