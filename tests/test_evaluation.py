@@ -20,8 +20,8 @@ from drpo_core.hookspecs import hookimpl
 from drpo_core.noise import sample_noise
 from drpo_core.prompts import PromptRecord
 from drpo_core.testing import BrightnessRanker, PixelFeatures, TinyGenerator
-from tests.conftest import make_registry
 from drpo_core.trainer import Trainer
+from tests.conftest import make_registry
 
 from .test_trainer import tiny_config
 
