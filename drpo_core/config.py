@@ -601,12 +601,24 @@ def _proposals(chosen: dict[str, str], specs: dict[str, ComponentSpec]) -> list[
     pairs, singles = [], []
     for where, reference in chosen.items():
         section, spec = where.split(".")[0], specs[where]
-        label = f"{_KIND_OF[section]} {reference}"
+        name, variant = split_reference(reference)
+        label = f"{_KIND_OF[section]} {name}"
         for other in chosen.values():
-            paired = spec.recommended_with(split_reference(other)[0])
-            if other != reference and paired:
-                pairs.append((f"{label} with {other}", paired))
-        singles.append((PRECEDENCE.index(section), label, spec.recommended(split_reference(reference)[1])))
+            if other == reference:
+                continue
+            other_name = split_reference(other)[0]
+            # settings for one variant of the other component ("sdxl-turbo:paper") win over its plain name's
+            if other != other_name and spec.recommended_with(other):
+                pairs.append((f"{label} with {other}", spec.recommended_with(other)))
+            if spec.recommended_with(other_name):
+                pairs.append((f"{label} with {other_name}", spec.recommended_with(other_name)))
+        rank, recommended = PRECEDENCE.index(section), spec.recommended(variant)
+        if variant is not None:  # what the variant changes is named after it (a preset: "generator sd-turbo:paper")
+            plain = spec.recommended(None)
+            changed = {key: value for key, value in recommended.items() if key not in plain or plain[key] != value}
+            singles.append((rank, f"{label}:{variant}", changed))
+            recommended = {key: value for key, value in recommended.items() if key not in changed}
+        singles.append((rank, label, recommended))
     singles.sort(key=lambda item: item[0])  # stable: rankers keep their list order
     return [*pairs, *[(label, recs) for _, label, recs in singles]]
 

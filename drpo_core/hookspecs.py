@@ -22,8 +22,12 @@ aliases=(), summary="", provides=(), requires=())``:
 * ``defaults``: recommended run settings as ``{"dotted.key": value}`` (or a function of the
   variant returning one), merged under the user's config and shown with their origin.
 * ``pair_defaults``: ``{other component name: {"dotted.key": value}}``, settings recommended only
-  when the run also uses that component (a feature space's anchor weights for one generator).
+  when the run also uses that component (a feature space's anchor weights for one generator). A key
+  may name a variant (``"sdxl-turbo:paper"``): it applies only with that variant and wins over the
+  plain name's.
 * ``variants``: the allowed ``name:variant`` suffixes (``None``: no variant).
+* ``variants`` with a ``defaults`` function make presets: what ``defaults(variant)`` changes from
+  ``defaults(None)`` is shown with the origin ``name:variant`` (``generator sd-turbo:paper``).
 * ``provides`` / ``requires``: capabilities checked when a run is resolved, before anything loads.
   A generator provides what it can hand on (``"latents"``, ``"images"``, a model family); a feature
   space requires them; a ranker provides ``"binary"`` when its scores are 0/1 correctness.

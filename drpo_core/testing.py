@@ -10,6 +10,14 @@ Use them from a test suite with ``pytest_plugins = ["drpo_core.testing"]``:
 * ``TinyGenerator``: a one-step generator of 8x8 RGB images from an 8x8 noise map with a
   per-prompt bias (a few hundred parameters); latents are images, reference is a frozen copy.
 * ``BrightnessRanker`` / ``BrokenRanker``, ``PixelFeatures`` and ``tiny_laplacian``.
+* ``check_feature_space(space, x, context)``: the feature-space contract on one batch (declared input,
+  ``{key: (B, T, D)}``, gradient reaches the input, no trainable weight of its own, deterministic);
+  ``feature_space_cases`` / ``check_feature_space_case`` run it over every registered feature space
+  with one case builder per name (see ``tests/test_feature_contract.py``)::
+
+      @pytest.mark.parametrize("name, builder", feature_space_cases({"my-space": build_case}))
+      def test_contract(request, name, builder):
+          check_feature_space_case(request, name, builder)
 
 The fakes register under the names ``tiny`` (generator), ``tiny-brightness`` and ``tiny-broken``
 (rankers), ``tiny-pixels`` (feature space) and ``tiny-laplacian`` (kernel). This module imports no
@@ -20,7 +28,7 @@ from __future__ import annotations
 
 import copy
 import hashlib
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any, Literal
 
 import pytest
@@ -179,3 +187,135 @@ def isolated_registry() -> Iterator[Registry]:
         yield registry
     finally:
         set_registry(previous)
+
+
+# -- the feature-space contract -----------------------------------------------------------------------
+
+#: ``builder(request) -> (space, x, context)``: one contract case (``request`` gives access to fixtures)
+FeatureCaseBuilder = Callable[[pytest.FixtureRequest], tuple[FeatureSpace, torch.Tensor, FeatureContext]]
+
+
+def check_feature_space(space: FeatureSpace, x: torch.Tensor, context: FeatureContext, *,
+                        requires: Iterable[str] | None = None, atol: float = 1e-5,
+                        rtol: float = 1e-5) -> dict[str, torch.Tensor]:
+    """Check the :class:`FeatureSpace` contract on one batch ``x`` and return its features; an
+    ``AssertionError`` names the rule broken:
+
+    1. declared input: ``space.input`` is ``"latents"`` or ``"images"`` (images: ``(B, 3, H, W)`` in [0, 1]),
+       and the registration's ``requires`` (when given) names it;
+    2. ``{str key: (B, T, D)}`` floating and finite, T and D at least 1;
+    3. the gradient of every key reaches the input (finite, not all zero);
+    4. no trainable weight of its own: every leaf of the features' graph is the input or one of the
+       generator's trainable parameters (a shared UNet's LoRA counts as the generator's), and no tensor
+       the space holds requires grad unless the generator trains it;
+    5. deterministic: a second call, without grad, gives the same features (``atol``, ``rtol``).
+    """
+    name = type(space).__name__
+    assert space.input in ("latents", "images"), f"{name}.input must be 'latents' or 'images', not {space.input!r}"
+    if requires is not None:
+        assert space.input in tuple(requires), (
+            f"{name} takes {space.input} but its registration requires {tuple(requires)}: declare requires=('{space.input}', ...)")
+    if space.input == "images":
+        assert x.ndim == 4 and x.shape[1] == 3, f"{name} takes images (B, 3, H, W); the case gave {tuple(x.shape)}"
+        assert float(x.min()) >= 0 and float(x.max()) <= 1, f"{name} takes images in [0, 1]; the case's are not"
+    batch = x.shape[0]
+    x = x.detach().clone().requires_grad_(True)
+    with torch.enable_grad():
+        features = space.features(x, context)
+    assert isinstance(features, dict) and features, f"{name}.features must return a non-empty dict"
+    for key, value in features.items():
+        assert isinstance(key, str), f"{name}: feature keys must be strings, got {key!r}"
+        assert isinstance(value, torch.Tensor) and value.ndim == 3, (
+            f"{name}: {key!r} must be a (B, T, D) tensor, got {getattr(value, 'shape', type(value))}")
+        assert value.shape[0] == batch and min(value.shape[1:]) >= 1, (
+            f"{name}: {key!r} has shape {tuple(value.shape)} for a batch of {batch}")
+        assert value.is_floating_point() and bool(torch.isfinite(value).all()), f"{name}: {key!r} is not finite floats"
+    trainable = {id(p) for p in context.generator.trainable_parameters()}
+    foreign = [leaf for leaf in _graph_leaves(features.values()) if leaf is not x and id(leaf) not in trainable]
+    assert not foreign, (f"{name}: its features depend on {len(foreign)} tensor(s) that require grad and are neither "
+                         f"the input nor the generator's trainable parameters, e.g. shape {tuple(foreign[0].shape)}: "
+                         "freeze them (requires_grad_(False))")
+    held = [t for t in _held_tensors(space) if t.requires_grad and id(t) not in trainable]
+    assert not held, f"{name} holds {len(held)} tensor(s) that require grad, e.g. shape {tuple(held[0].shape)}"
+    projection = torch.Generator().manual_seed(0)
+    for key, value in features.items():
+        assert value.requires_grad, f"{name}: {key!r} does not depend on the input (no gradient)"
+        weights = torch.randn(tuple(value.shape), generator=projection).to(value.device)
+        (grad,) = torch.autograd.grad((value.float() * weights).sum(), x, retain_graph=True, allow_unused=True)
+        assert grad is not None and bool(torch.isfinite(grad).all()) and bool(grad.abs().sum() > 0), (
+            f"{name}: the gradient of {key!r} does not reach the input")
+    with torch.no_grad():
+        again = space.features(x.detach(), context)
+    assert again.keys() == features.keys(), f"{name}: a second call gave other keys"
+    for key, value in features.items():
+        assert again[key].shape == value.shape and torch.allclose(again[key].float(), value.detach().float(),
+                                                                  atol=atol, rtol=rtol), (
+            f"{name}: {key!r} differs between two calls on the same input "
+            f"(max |diff| {float((again[key].float() - value.detach().float()).abs().max()):.3g})")
+    return features
+
+
+def _graph_leaves(outputs: Iterable[torch.Tensor]) -> list[torch.Tensor]:
+    """The leaf tensors (``AccumulateGrad`` nodes) the autograd graph of ``outputs`` reaches."""
+    outputs = list(outputs)
+    seen: set[int] = set()
+    leaves = [t for t in outputs if t.grad_fn is None and t.requires_grad]
+    stack = [t.grad_fn for t in outputs if t.grad_fn is not None]
+    while stack:
+        node = stack.pop()
+        if id(node) in seen:
+            continue
+        seen.add(id(node))
+        variable = getattr(node, "variable", None)
+        if isinstance(variable, torch.Tensor):
+            leaves.append(variable)
+        stack.extend(next_node for next_node, _ in node.next_functions if next_node is not None)
+    return leaves
+
+
+def _held_tensors(obj: Any, depth: int = 0) -> Iterator[torch.Tensor]:
+    """Tensors a feature space holds: in its attributes, modules, lists and dicts (not in other objects)."""
+    if depth > 4:
+        return
+    if isinstance(obj, torch.nn.Module):
+        yield from obj.parameters()
+        yield from obj.buffers()
+    elif isinstance(obj, torch.Tensor):
+        yield obj
+    elif isinstance(obj, (list, tuple)):
+        for item in obj:
+            yield from _held_tensors(item, depth + 1)
+    elif isinstance(obj, dict):
+        for item in obj.values():
+            yield from _held_tensors(item, depth + 1)
+    elif depth == 0:
+        for item in vars(obj).values():
+            yield from _held_tensors(item, depth + 1)
+
+
+def feature_space_cases(builders: Mapping[str, FeatureCaseBuilder | None],
+                        names: Iterable[str] | None = None) -> list[Any]:
+    """``pytest.param(name, builder)`` for every registered feature space (``names``; default: those of the
+    installed plugins) and every builder for it: a builder's key is the space's name, or ``name[case]`` for
+    several cases of one space. A registered space without a builder gets a case that fails, asking for one."""
+    if names is None:
+        from drpo_core.registry import Registry
+
+        names = Registry().load_entry_points().names("feature")
+    params = []
+    for name in names:
+        keys = [key for key in builders if key == name or key.startswith(f"{name}[")]
+        params += [pytest.param(name, builders[key], id=key) for key in keys] or [pytest.param(name, None, id=name)]
+    return params
+
+
+def check_feature_space_case(request: pytest.FixtureRequest, name: str, builder: FeatureCaseBuilder | None,
+                             registry: Registry | None = None, **tolerances: float) -> dict[str, torch.Tensor]:
+    """Build one case of ``feature_space_cases`` and check it (:func:`check_feature_space`), with the
+    ``requires`` the space registered with."""
+    if builder is None:
+        pytest.fail(f"feature space {name!r} is registered but has no contract case: add a builder for it "
+                    "(space, x, context) to the builders given to feature_space_cases")
+    space, x, context = builder(request)
+    spec = (registry or get_registry()).get("feature", name)
+    return check_feature_space(space, x, context, requires=spec.requires, **tolerances)

@@ -56,3 +56,11 @@ def isolated_registry(isolated_registry):
     for plugin in builtin_plugins():
         isolated_registry.register_module(plugin)
     return isolated_registry
+
+
+@pytest.fixture(scope="session")
+def tiny_vision_dirs(tmp_path_factory):
+    """Tiny DINOv2 and ViT-MAE checkpoints saved with save_pretrained: ``{"dinov2": dir, "vit-mae": dir}``."""
+    from drpo_vision_features.testing import build_tiny_models
+
+    return build_tiny_models(tmp_path_factory.getbasetemp() / "drpo_vision_tiny")

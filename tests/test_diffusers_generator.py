@@ -167,7 +167,81 @@ def test_full_finetuning_keeps_a_frozen_copy(tiny_dirs):
     assert torch.equal(gen.reference(PROMPTS, noise), reference0)
 
 
+def test_official_one_step_is_the_official_codes_conversion(tiny_dirs):
+    """method.md §6.1: eps from the unscaled noise at t=999, x0 = (z - 0.9977 eps) / 0.0683, re-projected to
+    t=0 as 0.9996 x0 + 0.0292 eps; written out here on the untouched pipeline's own components."""
+    gen = tiny_generator("sd", tiny_dirs["sd"], one_step="official")
+    noise = make_noise(gen)
+    pipe = DiffusionPipeline.from_pretrained(tiny_dirs["sd"])
+    with torch.no_grad():
+        hidden, _ = pipe.encode_prompt(PROMPTS, "cpu", 1, False)
+        eps = pipe.unet(noise, 999, encoder_hidden_states=hidden).sample
+        expected = (noise - 0.9977 * eps) / 0.0683 * 0.9996 + 0.0292 * eps
+        latents = gen.sample(PROMPTS, noise)
+        pipeline_latents = tiny_generator("sd", tiny_dirs["sd"]).sample(PROMPTS, noise)
+    torch.testing.assert_close(latents, expected, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(gen.reference(PROMPTS, noise), expected, atol=1e-5, rtol=1e-5)
+    assert (latents - pipeline_latents).abs().max() > 1e-2  # not the pipeline's convention
+    # the constants are SD's scaled-linear schedule, rounded as the official code has them
+    abar = pipe.scheduler.alphas_cumprod
+    assert abs(abar[999].sqrt() - 0.0683) < 5e-4 and abs((1 - abar[999]).sqrt() - 0.9977) < 5e-4
+    assert abs(abar[0].sqrt() - 0.9996) < 5e-4 and abs((1 - abar[0]).sqrt() - 0.0292) < 5e-4
+    # differentiable, into the adapters
+    gen.sample(PROMPTS, noise).square().mean().backward()
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in gen.trainable_parameters())
+
+
+def test_official_one_step_is_sd_turbos_only(tiny_dirs):
+    with pytest.raises(ValidationError, match="one_step"):
+        tiny_generator("sdxl", tiny_dirs["sdxl"], one_step="official")
+    from drpo_diffusers.generator import TurboGenerator
+
+    with pytest.raises(PluginError, match="SDXL-Turbo's official code follows the pipeline"):
+        TurboGenerator(DiffusionPipeline.from_pretrained(tiny_dirs["sdxl"]), architecture="sdxl",
+                       resolution=TINY_RESOLUTION, one_step="official")
+
+
+@pytest.mark.parametrize("checkpointing", [True, False])
+def test_frozen_base_turns_the_adapters_off_and_restores_the_generator(tiny_dirs, checkpointing):
+    gen = tiny_generator("sdxl", tiny_dirs["sdxl"], gradient_checkpointing=checkpointing)
+    randomize_lora(gen)
+    noise = make_noise(gen)
+    reference = gen.reference(PROMPTS, noise)
+    with gen.frozen_base() as unet:
+        assert unet is gen.unet and not gen._adapters_on() and unet.is_gradient_checkpointing
+        cond = gen.unet_conditioning(PROMPTS)
+        assert set(cond) == {"encoder_hidden_states", "added_cond_kwargs"}
+        with torch.no_grad():
+            torch.testing.assert_close(gen.sample(PROMPTS, noise), reference)  # the base, inside
+    assert gen._adapters_on() and gen.unet.is_gradient_checkpointing == checkpointing
+    assert gen.trainable_parameters() and all(p.requires_grad for p in gen.trainable_parameters())
+    with gen.frozen_base(checkpointing=False):
+        assert not gen.unet.is_gradient_checkpointing
+    assert gen.unet.is_gradient_checkpointing == checkpointing
+
+
 # ---------------------------------------------------------------------- decode / encode / state
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_decoding_with_grad_recomputes_each_chunk_and_gives_the_same_gradient(tiny_dirs, arch):
+    gen = tiny_generator(arch, tiny_dirs[arch], decode_chunk=2)
+    with torch.no_grad():
+        latents = gen.sample(PROMPTS, make_noise(gen))
+    calls = []
+    gen.vae.decoder.register_forward_hook(lambda *args: calls.append(1))
+    weights = torch.rand(len(PROMPTS), 3, TINY_RESOLUTION, TINY_RESOLUTION, generator=torch.Generator().manual_seed(0))
+    grads = []
+    for checkpointing in (True, False):
+        gen._checkpointing = checkpointing
+        calls.clear()
+        x = latents.clone().requires_grad_(True)
+        (gen.decode(x) * weights).sum().backward()
+        grads.append(x.grad)
+        assert len(calls) == (4 if checkpointing else 2)  # two chunks, each recomputed in the backward
+    torch.testing.assert_close(grads[0], grads[1], atol=1e-6, rtol=1e-6)
+
+
 
 
 @pytest.mark.parametrize("arch", ARCHS)
@@ -267,8 +341,10 @@ def test_registration_and_options(tiny_dirs):
     drpo_diffusers.drpo_register_generators(register)
     assert set(registered) == {"sd-turbo", "sdxl-turbo"}
     sd_factory, sd = registered["sd-turbo"]
-    assert sd["defaults"]["selection.candidates"] == 24 and sd["defaults"]["train.lr"] == 1e-4
-    assert registered["sdxl-turbo"][1]["defaults"]["selection.candidates"] == 16
+    assert sd["defaults"](None)["selection.candidates"] == 24 and sd["defaults"](None)["train.lr"] == 1e-4
+    assert registered["sdxl-turbo"][1]["defaults"](None)["selection.candidates"] == 16
+    assert sd["variants"] == ("paper",) and sd["defaults"]("paper")["generator.one_step"] == "official"
+    assert "sd-unet" in sd["provides"] and "sd-unet" in registered["sdxl-turbo"][1]["provides"]
     assert sd["options"]().model == "stabilityai/sd-turbo"
     assert registered["sdxl-turbo"][1]["options"]().model == "stabilityai/sdxl-turbo"
     with pytest.raises(ValidationError):

@@ -18,7 +18,8 @@ from drpo_core.context import BuildContext
 from drpo_core.errors import PluginError
 from drpo_core.registry import Registry, registry_from
 
-BUILTIN_MODULES = ["drpo_kernels", "drpo_latent", "drpo_mae", "drpo_image_rankers", "drpo_shapes", "drpo_diffusers"]
+BUILTIN_MODULES = ["drpo_kernels", "drpo_latent", "drpo_mae", "drpo_image_rankers", "drpo_shapes", "drpo_diffusers",
+                   "drpo_vision_features"]
 HEAVY = ["diffusers", "transformers", "torch"]
 
 

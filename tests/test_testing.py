@@ -56,3 +56,72 @@ def test_the_fakes_alone_run_the_loop_as_the_builtin_kernel_does(tmp_path):
 def test_without_the_builtins_the_default_kernel_is_unknown(tmp_path):
     with pytest.raises(ConfigError, match="^kernel: unknown kernel 'laplacian': did you mean tiny-laplacian?"):
         resolve_config(base=tiny_config(tmp_path), registry=testing.make_registry())
+
+
+# -- the feature-space contract -------------------------------------------------------------------------
+
+
+class _Space(testing.FeatureSpace):
+    """PixelFeatures with one contract rule broken on request."""
+
+    def __init__(self, broken: str = "", generator: testing.TinyGenerator | None = None):
+        self.broken, self.generator = broken, generator
+        self.linear = torch.nn.Linear(3, 3)
+        self.linear.requires_grad_(broken == "own-weights")
+
+    def features(self, x, context):
+        if self.broken == "flat":
+            return {"mean": x.mean(dim=(2, 3))}
+        if self.broken == "detached":
+            x = x.detach()
+        mean = x.mean(dim=(2, 3))
+        if self.broken in ("own-weights", "generator-weights"):
+            mean = self.linear(mean)
+        if self.broken == "generator-weights":  # the generator's own trainable net (a shared LoRA UNet)
+            mean = mean + self.generator.net.mix(x).mean(dim=(2, 3))
+        if self.broken == "random":
+            mean = mean + torch.rand_like(mean)
+        return {"mean": mean[:, None, :]}
+
+
+def _contract_case(generator=None):
+    generator = generator or testing.TinyGenerator()
+    x = torch.rand(2, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    return x, testing.FeatureContext(["a", "b"], None, generator)
+
+
+@pytest.mark.parametrize("broken, message", [
+    ("flat", r"'mean' must be a \(B, T, D\) tensor"),
+    ("detached", "'mean' does not depend on the input"),
+    ("own-weights", "neither the input nor the generator's trainable parameters"),
+    ("random", "'mean' differs between two calls on the same input"),
+])
+def test_check_feature_space_names_the_broken_rule(broken, message):
+    x, context = _contract_case()
+    with pytest.raises(AssertionError, match=message):
+        testing.check_feature_space(_Space(broken), x, context)
+
+
+def test_check_feature_space_accepts_the_generators_weights_and_checks_the_declared_input():
+    generator = testing.TinyGenerator()
+    x, context = _contract_case(generator)
+    features = testing.check_feature_space(_Space("generator-weights", generator), x, context, requires=("latents",))
+    assert features["mean"].shape == (2, 1, 3)
+    testing.check_feature_space(testing.PixelFeatures(), x, context)
+    with pytest.raises(AssertionError, match=r"takes latents but its registration requires \('images',\)"):
+        testing.check_feature_space(testing.PixelFeatures(), x, context, requires=("images",))
+
+
+def test_feature_space_cases_come_from_the_registry_and_ask_for_missing_builders(request):
+    def build(request):
+        return (testing.PixelFeatures(), *_contract_case())
+
+    cases = testing.feature_space_cases({"tiny-pixels": build, "other[a]": build, "other[b]": build},
+                                        ["tiny-pixels", "other", "unbuilt"])
+    assert [(c.id, c.values[0], c.values[1] is build) for c in cases] == [
+        ("tiny-pixels", "tiny-pixels", True), ("other[a]", "other", True), ("other[b]", "other", True),
+        ("unbuilt", "unbuilt", False)]
+    registry = testing.make_registry()
+    testing.check_feature_space_case(request, "tiny-pixels", build, registry)
+    with pytest.raises(pytest.fail.Exception, match="feature space 'unbuilt' is registered but has no contract case"):
+        testing.check_feature_space_case(request, "unbuilt", None, registry)

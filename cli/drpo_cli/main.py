@@ -49,7 +49,8 @@ def _root(ctx: typer.Context,
 # -- run configuration options shared by train and config show ----------------------------------
 
 ConfigOpt = Annotated[Path | None, typer.Option("--config", "-c", help="YAML recipe (default: the toy world).")]
-GeneratorOpt = Annotated[str | None, typer.Option("--generator", help="Generator name.")]
+GeneratorOpt = Annotated[str | None, typer.Option(
+    "--generator", help="Generator NAME[:VARIANT] (e.g. sd-turbo:paper, the paper's official switches).")]
 RankerOpt = Annotated[str | None, typer.Option("--ranker", help="Ranker NAME[:VARIANT].")]
 FeaturesOpt = Annotated[str | None, typer.Option("--features", help="Feature space name.")]
 KernelOpt = Annotated[str | None, typer.Option("--kernel", help="Kernel name.")]
@@ -113,6 +114,13 @@ def config_show(config: ConfigOpt = None, generator: GeneratorOpt = None, ranker
     for key, value in _flatten(resolved.to_dict()).items():
         table.add_row(key, json.dumps(value), resolved.origins.get(key, "default"))
     console.print(table)
+    presets: dict[str, list[str]] = {}  # "generator sd-turbo:paper" -> the keys it set
+    for key, origin in resolved.origins.items():
+        kind, _, rest = origin.partition(" ")
+        if kind in ("generator", "feature", "ranker", "kernel") and ":" in rest:
+            presets.setdefault(origin, []).append(key)
+    for origin, keys in presets.items():
+        console.print(f"{origin} set: {', '.join(sorted(keys))}", highlight=False)
     if resolved.conflicts:
         console.print("recommendations that disagreed (the more specific wins: pair, generator, features, "
                       "rankers, kernel):")

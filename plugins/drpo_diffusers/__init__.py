@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import re
+from collections.abc import Callable
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
@@ -83,6 +84,12 @@ class TurboOptions(BaseModel):
 
 class SDTurboOptions(TurboOptions):
     model: LocalPath = Field("stabilityai/sd-turbo", description=TurboOptions.model_fields["model"].description)
+    one_step: Literal["pipeline", "official"] = Field(
+        "pipeline",
+        description="pipeline: the diffusers pipeline's one step (what the exported LoRA gets at inference); "
+        "official: the official DrPO code's, unscaled noise in and x0 re-projected to t=0 "
+        "(0.9996 x0 + 0.0292 eps, method.md §6.1)",
+    )
 
 
 class SDXLTurboOptions(TurboOptions):
@@ -125,10 +132,29 @@ SDXL_TURBO_DEFAULTS = {
     "features.name": "latent",
     "drift.aggregation": "mean",
 }
-#: what both generators hand to feature spaces: latents, decoded images, and that the latents are those of a
-#: 4-channel Stable Diffusion VAE (scaled by its factor): what latent-MAE was trained on (SD-VAE; SDXL's VAE
-#: shares the architecture with retrained weights)
-PROVIDES = ("latents", "images", "sd-vae-latents")
+#: what both generators hand to feature spaces: latents, decoded images, that the latents are those of a
+#: 4-channel Stable Diffusion VAE (scaled by its factor: what latent-MAE was trained on; SDXL's VAE shares the
+#: architecture with retrained weights), and a Stable Diffusion UNet with its text conditioning
+#: (``TurboGenerator.frozen_base`` / ``unet_conditioning``, for the teacher-UNet space)
+PROVIDES = ("latents", "images", "sd-vae-latents", "sd-unet")
+
+#: ``name:paper``: the official code's switches on top of the generator's recommendations; ``drpo config
+#: show`` names each key it sets "generator NAME:paper". Feature spaces add their own for the preset through
+#: ``pair_defaults`` keyed by ``NAME:paper`` (pixel-MAE's official random masking for ``sdxl-turbo:paper``).
+PAPER_PRESETS: dict[str, dict[str, object]] = {
+    # the official one-step conversion, whose latent the latent-MAE sees and the rankers score
+    "sd-turbo": {"generator.one_step": "official"},
+    # the SDXL trainer's default feature space (its teacher-UNet recipe: add --features teacher-unet,
+    # whose anchor weights for sdxl-turbo come with it)
+    "sdxl-turbo": {"features.name": "pixel-mae"},
+}
+
+
+def _with_preset(name: str, defaults: dict[str, object]) -> Callable[[str | None], dict[str, object]]:
+    def recommend(variant: str | None) -> dict[str, object]:
+        return {**defaults, **(PAPER_PRESETS[name] if variant == "paper" else {})}
+
+    return recommend
 
 
 @hookimpl
@@ -137,17 +163,19 @@ def drpo_register_generators(register: Register[Generator]) -> None:
         "sd-turbo",
         _build_sd,
         options=SDTurboOptions,
-        defaults=SD_TURBO_DEFAULTS,
+        defaults=_with_preset("sd-turbo", SD_TURBO_DEFAULTS),
+        variants=("paper",),
         provides=PROVIDES,
-        summary="SD-Turbo (SD 2.1) one-step generator, LoRA on the UNet, 512px",
+        summary="SD-Turbo (SD 2.1) one-step generator, LoRA on the UNet, 512px (:paper preset)",
     )
     register(
         "sdxl-turbo",
         _build_sdxl,
         options=SDXLTurboOptions,
-        defaults=SDXL_TURBO_DEFAULTS,
+        defaults=_with_preset("sdxl-turbo", SDXL_TURBO_DEFAULTS),
+        variants=("paper",),
         provides=PROVIDES,
-        summary="SDXL-Turbo one-step generator, LoRA on the UNet, 512px",
+        summary="SDXL-Turbo one-step generator, LoRA on the UNet, 512px (:paper preset)",
     )
 
 

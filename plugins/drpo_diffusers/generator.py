@@ -12,13 +12,30 @@ latents=z, output_type="latent")`` exactly, in a differentiable way. With the Tu
 
 This differs from the official DrPO SD-Turbo code (method.md §6.1), which feeds the UNet ``z``
 itself and re-projects ``x0`` to t = 0 (``0.9996 * x0 + 0.0292 * eps_hat``). We follow the pipeline
-so that what is trained is exactly what users get from the pipeline with the exported LoRA.
+by default so that what is trained is exactly what users get from the pipeline with the exported
+LoRA; ``one_step="official"`` (SD-Turbo only, the ``sd-turbo:paper`` preset) computes the official
+latent instead, with the official code's constants (``OFFICIAL_ONE_STEP``)::
+
+    eps_hat = unet(z, 999);  x0 = (z - 0.9977 * eps_hat) / 0.0683;  x = 0.9996 * x0 + 0.0292 * eps_hat
+
+That latent is what its feature space sees, what is decoded and scored. A LoRA trained this way is
+still exported for the pipeline, which samples with the pipeline's convention.
 
 **Latents** are scaled latents (UNet space); ``decode`` divides by the VAE's scaling factor.
 
 **Reference.** With LoRA (the default) the frozen base generator is the same UNet with its adapters
 disabled, so it costs no memory. With full fine-tuning (``lora=False``) the reference is a deep copy
 of the base UNet, which doubles the UNet's memory.
+
+**The frozen base with gradient** (:meth:`TurboGenerator.frozen_base`, for the teacher-UNet feature
+space): the adapters are off while the base runs, but its backward comes later, when they are on
+again. A block that gradient checkpointing recomputes in that backward would silently use the
+adapted weights, so inside ``frozen_base`` every checkpointed block is recomputed by a function that
+turns the adapters off for the recompute too.
+
+**Decoding with gradient** (pixel feature spaces) goes ``decode_chunk`` images at a time; with
+gradient checkpointing on, each chunk's VAE activations are recomputed in the backward instead of
+kept, so memory holds one chunk's activations rather than the whole batch's.
 """
 
 from __future__ import annotations
@@ -32,9 +49,10 @@ from collections import OrderedDict
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar
 
 import torch
+import torch.utils.checkpoint
 
 # Classes come from the modules that define them: diffusers' top level is a lazy module whose static
 # view (what a type checker reads) is the dummy placeholders it uses when torch is missing.
@@ -45,6 +63,7 @@ from diffusers.schedulers.scheduling_euler_ancestral_discrete import EulerAncest
 from diffusers.schedulers.scheduling_euler_discrete import EulerDiscreteScheduler
 from diffusers.training_utils import cast_training_params
 from peft import LoraConfig
+from peft.tuners.tuners_utils import BaseTunerLayer
 from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
 
 from drpo_core.context import BuildContext
@@ -62,6 +81,12 @@ PROMPT_CACHE_SIZE = 256
 #: tokenizer is the empty fallback transformers returns for missing files when offline
 MIN_TOKENIZER_SIZE = 258
 _DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+#: the official SD-Turbo one-step constants (method.md §6.1): the UNet runs at ``timestep`` on the
+#: unscaled noise; x0 = (z - sqrt(1 - abar_999) eps) / sqrt(abar_999), re-projected to t = 0 as
+#: sqrt(abar_0) x0 + sqrt(1 - abar_0) eps (SD's scaled-linear schedule, rounded as in the code)
+OFFICIAL_ONE_STEP = {"timestep": 999, "sqrt_one_minus_abar_t": 0.9977, "sqrt_abar_t": 0.0683,
+                     "sqrt_abar_0": 0.9996, "sqrt_one_minus_abar_0": 0.0292}
+OneStep = Literal["pipeline", "official"]
 #: what diffusers (on every encode of a long prompt) and transformers (once per tokenizer) log about
 #: truncated prompts; the generator says it once itself (see ``TurboGenerator._check_truncation``)
 _TRUNCATION_NOTICES = (
@@ -94,9 +119,13 @@ class TurboGenerator(Generator):
         vae_slicing: bool = False,
         vae_tiling: bool = False,
         base_model: str = "",
+        one_step: OneStep = "pipeline",
     ) -> None:
         if architecture not in PIPELINE_CLASSES:
             raise PluginError(f"unknown architecture {architecture!r}: expected 'sd' or 'sdxl'")
+        if one_step not in ("pipeline", "official"):
+            raise PluginError(f"one_step must be 'pipeline' or 'official', got {one_step!r}")
+        self.one_step = one_step
         self.pipe = pipe
         self.architecture = architecture
         self.resolution = resolution
@@ -132,11 +161,16 @@ class TurboGenerator(Generator):
             # half-precision base weights, fp32 trainable adapters (peft casts activations)
             cast_training_params(self.unet, dtype=torch.float32)
             self._reference_unet = None
+            self._tuner_layers = [m for m in self.unet.modules() if isinstance(m, BaseTunerLayer)]
         else:
             self._reference_unet = copy.deepcopy(self.unet).eval()
+            self._tuner_layers = []
             self.unet.requires_grad_(True)
             self.unet.to(torch.float32)  # fp32 master weights for full fine-tuning
             self._weight_dtype = torch.float32
+        self._checkpointing = False  # the trainer turns it on (train.gradient_checkpointing)
+        if one_step == "official":
+            self._check_official_one_step()
 
         h = resolution // pipe.vae_scale_factor
         self.noise_shape = (self.unet.config.in_channels, h, h)
@@ -171,6 +205,7 @@ class TurboGenerator(Generator):
             vae_slicing=options.vae_slicing,
             vae_tiling=options.vae_tiling,
             base_model=Path(model).name if is_local else model,
+            one_step=getattr(options, "one_step", "pipeline"),
         )
 
     def _check_unet(self) -> None:
@@ -181,6 +216,14 @@ class TurboGenerator(Generator):
             raise PluginError(
                 f"resolution {self.resolution} is not a multiple of the VAE factor {self.pipe.vae_scale_factor}"
             )
+
+    def _check_official_one_step(self) -> None:
+        if self.architecture != "sd":
+            raise PluginError("one_step 'official' is SD-Turbo's official conversion; SDXL-Turbo's official code "
+                              "follows the pipeline (method.md §6.2)")
+        if self._prediction != "epsilon":
+            raise PluginError(f"one_step 'official' needs an epsilon-prediction UNet, the scheduler says "
+                              f"{self._prediction!r}")
 
     def _setup_scheduler(self) -> None:
         """Read the one-step constants from the pipeline's own scheduler."""
@@ -238,12 +281,20 @@ class TurboGenerator(Generator):
             self.unet.enable_adapters()
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        # with gradient (pixel feature spaces), checkpointing keeps only one chunk's VAE activations alive
+        recompute = self._checkpointing and torch.is_grad_enabled() and latents.requires_grad
         images = []
         for chunk in latents.split(self.decode_chunk):
-            z = self._unscale(chunk.to(self.device, torch.float32)).to(self.vae.dtype)
-            x = self.vae.decode(z, return_dict=False)[0]
-            images.append((x.float() / 2 + 0.5).clamp(0, 1))
+            if recompute:
+                images.append(torch.utils.checkpoint.checkpoint(self._decode_chunk, chunk, use_reentrant=False))
+            else:
+                images.append(self._decode_chunk(chunk))
         return torch.cat(images)
+
+    def _decode_chunk(self, latents: torch.Tensor) -> torch.Tensor:
+        z = self._unscale(latents.to(self.device, torch.float32)).to(self.vae.dtype)
+        x = self.vae.decode(z, return_dict=False)[0]
+        return (x.float() / 2 + 0.5).clamp(0, 1)
 
     @torch.no_grad()
     def encode(self, images: torch.Tensor) -> torch.Tensor:
@@ -289,33 +340,108 @@ class TurboGenerator(Generator):
     def enable_gradient_checkpointing(self) -> None:
         # diffusers' default checkpoint function is non-reentrant (use_reentrant=False)
         self.unet.enable_gradient_checkpointing()
+        self._checkpointing = True
+
+    # ------------------------------------------------------------------ the frozen base, for feature spaces
+
+    def unet_conditioning(self, prompts: Sequence[str], dtype: torch.dtype | None = None) -> dict[str, Any]:
+        """The UNet's text conditioning for ``prompts`` (one row each), as keyword arguments of its forward:
+        ``encoder_hidden_states`` and, for SDXL, ``added_cond_kwargs`` (pooled text embeddings and the time
+        ids ``[r, r, 0, 0, r, r]`` of the resolution r). Cast to ``dtype`` (default: the UNet's)."""
+        dtype = dtype or self._weight_dtype
+        cond = self._conditioning(prompts)
+        added = None
+        if "text_embeds" in cond:
+            added = {"text_embeds": cond["text_embeds"].to(dtype), "time_ids": cond["time_ids"].to(dtype)}
+        return {"encoder_hidden_states": cond["hidden"].to(dtype), "added_cond_kwargs": added}
+
+    @contextmanager
+    def frozen_base(self, checkpointing: bool = True) -> Iterator[torch.nn.Module]:
+        """The frozen base UNet, to run *with* gradient w.r.t. its input (the teacher-UNet feature space).
+
+        With LoRA it is the generator's own UNet with its adapters off until the context exits; with full
+        fine-tuning, the reference copy. Its base weights never require grad. Its backward runs after the
+        context has exited: with ``checkpointing`` every block the UNet checkpoints is recomputed then by a
+        function that turns the adapters off for the recompute as well (non-reentrant
+        ``torch.utils.checkpoint``), so the gradient is the base's; without, nothing is checkpointed
+        (every activation is kept: exact too, but much more memory). The generator's own checkpointing
+        setting is restored on exit.
+        """
+        unet = self._reference_unet if self._reference_unet is not None else self.unet
+        if checkpointing:
+            unet.enable_gradient_checkpointing(self._base_checkpoint)
+        else:
+            unet.disable_gradient_checkpointing()
+        adapters_were_on = self._adapters_on()
+        self._set_adapters(False)
+        try:
+            yield unet
+        finally:
+            self._set_adapters(adapters_were_on)
+            if unet is self.unet and self._checkpointing:
+                unet.enable_gradient_checkpointing()  # the generator's own (default) checkpoint function
+            else:
+                unet.disable_gradient_checkpointing()
+
+    def _base_checkpoint(self, module: Callable[..., Any], *args: Any) -> Any:
+        """diffusers' gradient checkpointing function inside ``frozen_base``: the recompute in the backward
+        (when the adapters are on again) runs the block with the adapters off, as its forward did."""
+
+        # only the block's own LoRA layers matter to its recompute (a ResNet block has none)
+        inside = module.modules() if isinstance(module, torch.nn.Module) else self._tuner_layers
+        layers = [m for m in inside if isinstance(m, BaseTunerLayer)]
+
+        def run(*inputs: Any) -> Any:
+            switched = [layer for layer in layers if not layer.disable_adapters]  # none in the forward
+            for layer in switched:
+                layer.enable_adapters(False)
+            try:
+                return module(*inputs)
+            finally:
+                for layer in switched:
+                    layer.enable_adapters(True)
+
+        return torch.utils.checkpoint.checkpoint(run, *args, use_reentrant=False)
+
+    def _adapters_on(self) -> bool:
+        return bool(self._tuner_layers) and not self._tuner_layers[0].disable_adapters
+
+    def _set_adapters(self, enabled: bool) -> None:
+        """Switch every LoRA layer (what ``unet.enable_adapters`` / ``disable_adapters`` do, without walking
+        the whole module tree on every recomputed block)."""
+        if self._tuner_layers and self._adapters_on() != enabled:
+            for layer in self._tuner_layers:
+                layer.enable_adapters(enabled)
 
     # ------------------------------------------------------------------ one-step math
 
     def _one_step(
-        self, unet: torch.nn.Module, dtype: torch.dtype, prompts: Sequence[str], noise: torch.Tensor
+        self, unet: Any, dtype: torch.dtype, prompts: Sequence[str], noise: torch.Tensor
     ) -> torch.Tensor:
         if len(prompts) != noise.shape[0]:
             raise PluginError(f"{len(prompts)} prompts for {noise.shape[0]} noise samples")
-        cond = self._conditioning(prompts)
+        cond = self.unet_conditioning(prompts, dtype)
+        if self.one_step == "official":
+            return self._official_one_step(unet, dtype, noise, cond)
         sample = noise.to(self.device, torch.float32) * self._init_sigma
         unet_input = sample / math.sqrt(self._sigma**2 + 1)  # scale_model_input
-        added = None
-        if "text_embeds" in cond:
-            added = {"text_embeds": cond["text_embeds"].to(dtype), "time_ids": cond["time_ids"].to(dtype)}
-        out = unet(
-            unet_input.to(dtype),
-            self.timestep.to(self.device),
-            encoder_hidden_states=cond["hidden"].to(dtype),
-            added_cond_kwargs=added,
-            return_dict=False,
-        )[0].float()
+        out = unet(unet_input.to(dtype), self.timestep.to(self.device), **cond, return_dict=False)[0].float()
         sigma = self._sigma
         if self._prediction == "epsilon":
             return sample - sigma * out
         if self._prediction == "v_prediction":
             return out * (-sigma / math.sqrt(sigma**2 + 1)) + sample / (sigma**2 + 1)
         return out
+
+    def _official_one_step(self, unet: Any, dtype: torch.dtype, noise: torch.Tensor,
+                           cond: dict[str, Any]) -> torch.Tensor:
+        """The official SD-Turbo conversion (module docstring): unscaled noise in, x0 re-projected to t = 0."""
+        c = OFFICIAL_ONE_STEP
+        z = noise.to(self.device, torch.float32)
+        timestep = torch.tensor(c["timestep"], device=self.device)
+        eps = unet(z.to(dtype), timestep, **cond, return_dict=False)[0].float()
+        x0 = (z - c["sqrt_one_minus_abar_t"] * eps) / c["sqrt_abar_t"]
+        return c["sqrt_abar_0"] * x0 + c["sqrt_one_minus_abar_0"] * eps
 
     @torch.no_grad()
     def _conditioning(self, prompts: Sequence[str]) -> dict[str, torch.Tensor]:

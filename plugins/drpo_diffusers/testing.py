@@ -198,14 +198,19 @@ def build_tiny_pipelines(root: str | Path) -> dict[str, Path]:
     return dirs
 
 
-def tiny_generator(architecture: str, directory: str | Path, **options: Any) -> TurboGenerator:
-    """A :class:`TurboGenerator` on a tiny pipeline directory, at ``TINY_RESOLUTION`` on the CPU."""
+def tiny_generator(architecture: str, directory: str | Path, *, gradient_checkpointing: bool = False,
+                   **options: Any) -> TurboGenerator:
+    """A :class:`TurboGenerator` on a tiny pipeline directory, at ``TINY_RESOLUTION`` on the CPU; gradient
+    checkpointing on when asked (what the trainer does with ``train.gradient_checkpointing``)."""
     from drpo_core.context import BuildContext
     from drpo_diffusers import SDTurboOptions, SDXLTurboOptions
     from drpo_diffusers.generator import TurboGenerator
 
     options_cls = {"sd": SDTurboOptions, "sdxl": SDXLTurboOptions}[architecture]
     options.setdefault("resolution", TINY_RESOLUTION)
-    return TurboGenerator.from_options(
+    generator = TurboGenerator.from_options(
         options_cls(model=str(directory), **options), BuildContext(), architecture=architecture
     )
+    if gradient_checkpointing:
+        generator.enable_gradient_checkpointing()
+    return generator
