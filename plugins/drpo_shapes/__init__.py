@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, model_validator
 
 from drpo_core import hookimpl
 from drpo_core.context import LocalPath
@@ -43,6 +43,21 @@ class FeatureOptions(BaseModel):
     exclude: list[str] = []
     #: the count-aware encoder's keys (enc, enc_cells); false = the pixel and random-CNN keys only
     encoder: bool = True
+
+    @model_validator(mode="after")
+    def _keys_left(self) -> FeatureOptions:
+        if not [key for key in feature_keys(self.encoder) if not key.startswith(tuple(self.exclude))]:
+            families = ", ".join(dict.fromkeys(key.split("@")[0] for key in feature_keys(self.encoder)))
+            raise ValueError(f"exclude removes every feature key (the keys start with: {families})")
+        return self
+
+
+def feature_keys(encoder: bool = True, cells: int = 4) -> list[str]:
+    """The keys of the toy world's feature space (``features.ShapesFeatures``) for its 32x32 images."""
+    grid = [f"{r},{c}" for r in range(cells) for c in range(cells)]
+    keys = [f"patch8@{g}" for g in grid] + [f"patch4@{g}" for g in grid]
+    keys += ["pool4", "color", "edges", "edge_cells", "cnn1", "cnn2", "cnn3"]
+    return keys + (["enc", "enc_cells"] if encoder else [])
 
 
 @hookimpl
