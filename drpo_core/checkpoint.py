@@ -37,7 +37,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from drpo_core.errors import ConfigError, DrpoError
+from drpo_core.errors import ComponentError, ConfigError, DrpoError
 
 CHECKPOINTS_DIR = "checkpoints"
 LATEST_FILE = "latest"
@@ -361,6 +361,11 @@ def _load_json(path: Path) -> dict[str, Any]:
         raise DrpoError(f"{path}: not valid JSON ({err})") from None
     if not isinstance(data, dict) or "step" not in data or "state" not in data:
         raise DrpoError(f"{path}: expected an object with 'step' and 'state'")
+    step = data["step"]
+    if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+        raise DrpoError(f"{path}: 'step' must be a non-negative integer, got {step!r}")
+    if not isinstance(data["state"], dict):
+        raise DrpoError(f"{path}: 'state' must be an object, got {type(data['state']).__name__}")
     return data
 
 
@@ -423,6 +428,23 @@ def split_trainable(
 
     weights = {key: value for key, value in trainable.items() if not key.startswith(("ema.", "memory."))}
     return weights, numbered("ema"), numbered("memory")
+
+
+def check_state_fits(expected: Mapping[str, torch.Tensor], state: Mapping[str, Any], what: str = "weights") -> None:
+    """Weights for a network must have its tensors, no others, each of its shape: else one
+    :class:`ComponentError` line (``load_state_dict`` would raise a long RuntimeError, or broadcast)."""
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    shapes = {key: tuple(getattr(state[key], "shape", ())) for key in set(expected) & set(state)}
+    resized = sorted(key for key, shape in shapes.items() if shape != tuple(expected[key].shape))
+    if not (missing or unexpected or resized):
+        return
+    if resized:
+        example = f"{resized[0]} is {shapes[resized[0]]}, the network's {tuple(expected[resized[0]].shape)}"
+    else:
+        example = f"{(missing or unexpected)[0]} {'missing' if missing else 'unexpected'}"
+    raise ComponentError(f"{what} do not fit the network: {len(missing)} missing, {len(unexpected)} unexpected, "
+                         f"{len(resized)} resized tensors, e.g. {example}")
 
 
 def assign_parameters(params: Sequence[torch.nn.Parameter], values: Sequence[torch.Tensor]) -> None:

@@ -37,15 +37,29 @@ from drpo_core.prompts import EVAL_SPLIT_COUNT, EVAL_SUBSET_COUNT
 from drpo_core.registry import ComponentSpec, Registry, get_registry, split_reference
 from drpo_core.validation import describe
 
+#: every section is strict: a YAML ``true`` is not the number 1, ``"5"`` is not 5 (a float still takes
+#: an int); and every float is finite: ``.inf`` and ``.nan`` are refused wherever a number goes
+_RULES = ConfigDict(strict=True, allow_inf_nan=False)
+#: what ``train.device`` may name (whether this machine has it is checked before a run: drpo_core.preflight)
+DEVICE_PATTERN = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
+DEVICE_NAMES = "auto, cpu, cuda, cuda:N or mps"
+
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_default=True)
+    model_config = ConfigDict(extra="forbid", validate_default=True, **_RULES)
+
+
+def _a_name(value: str | None, what: str) -> str | None:
+    """A path that was given must name something: an empty string would mean the working directory."""
+    if value is not None and not value.strip():
+        raise ValueError(f"must name a {what} (got {value!r})")
+    return value
 
 
 class ComponentConfig(BaseModel):
     """``name`` (``plugin:variant`` allowed) plus the component's own options."""
 
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(extra="allow", **_RULES)
     name: str
 
     @property
@@ -85,6 +99,14 @@ class DriftConfig(_Strict):
         default_factory=dict,
         description="weights of the preference loss per feature key, by name prefix (default 1)")
 
+    @field_validator("key_weights")
+    @classmethod
+    def _not_negative(cls, weights: dict[str, float]) -> dict[str, float]:
+        negative = [prefix for prefix, weight in weights.items() if weight < 0]
+        if negative:
+            raise ValueError(f"must be >= 0 (0 turns a key off), got {negative[0]}: {weights[negative[0]]}")
+        return weights
+
     @field_validator("radii", "ref_radii")
     @classmethod
     def _positive(cls, radii: list[float] | None) -> list[float] | None:
@@ -97,6 +119,8 @@ class SourceConfig(_Strict):
     kind: Literal["online", "offline", "data"] = "online"
     path: str | None = Field(None, description="offline: JSONL of chosen/rejected pairs; data: JSONL of images "
                                                 "(the Python API may pass a sampler instead)")
+
+    _path_named = field_validator("path")(classmethod(lambda cls, v: _a_name(v, "file")))
 
     @model_validator(mode="after")
     def _path_needed(self) -> SourceConfig:
@@ -114,6 +138,8 @@ class PromptsConfig(_Strict):
         f"prompts of the file, in file order (auto: {EVAL_SUBSET_COUNT}; all: the whole file); without: that "
         f"many distinct prompts split from path, never trained on (auto: {EVAL_SPLIT_COUNT})")
     shuffle: bool = True
+
+    _paths_named = field_validator("path", "eval_path")(classmethod(lambda cls, v: _a_name(v, "file")))
 
     @field_validator("eval_count", mode="before")
     @classmethod
@@ -159,6 +185,18 @@ class TrainConfig(_Strict):
     def _yaml_no(cls, value: Any) -> Any:
         # YAML 1.1 reads a bare `no` (in a file or in --set train.mixed_precision=no) as false
         return "no" if value is False else value
+
+    @field_validator("betas", mode="before")
+    @classmethod
+    def _pair(cls, value: Any) -> Any:
+        return tuple(value) if isinstance(value, list) else value  # YAML has lists; strict tuples want tuples
+
+    @field_validator("device")
+    @classmethod
+    def _known_device(cls, value: str) -> str:
+        if not DEVICE_PATTERN.match(value):
+            raise ValueError(f"unknown device {value!r} (use {DEVICE_NAMES})")
+        return value
 
     @model_validator(mode="after")
     def _one_pass_or_chunks(self) -> TrainConfig:
@@ -230,7 +268,8 @@ class LogConfig(_Strict):
 
 
 class RunConfig(_Strict):
-    seed: int = 0
+    # ge/le: the seed seeds Python's, NumPy's (32 bits) and torch's generators
+    seed: int = Field(0, ge=0, le=2**32 - 1)
     output_dir: str = "runs/drpo"
     # no default names a component: the user names them, or a component recommends one (resolve_config)
     generator: ComponentConfig
@@ -252,6 +291,7 @@ class RunConfig(_Strict):
         return {"name": value} if isinstance(value, str) else value
 
     _rankers = field_validator("rankers", mode="before")(classmethod(lambda cls, v: ranker_list(v)))
+    _output_named = field_validator("output_dir")(classmethod(lambda cls, v: _a_name(v, "directory")))
 
 
 COMPONENT_SECTIONS = {"generator": "generator", "features": "feature", "kernel": "kernel"}
@@ -280,8 +320,29 @@ def resolve_path(path: str | Path, base_dir: Path) -> Path:
 # -- YAML --------------------------------------------------------------------------------------
 
 
+class _DuplicateKey(Exception):
+    def __init__(self, key: Any, line: int, first: int):
+        super().__init__(key, line, first)
+        self.key, self.line, self.first = key, line, first
+
+
 class _Loader(yaml.SafeLoader):
-    """PyYAML is YAML 1.1, where ``3e-4`` is a string; read it as the float everyone means."""
+    """PyYAML is YAML 1.1, where ``3e-4`` is a string; read it as the float everyone means. A key given
+    twice in one mapping is refused (PyYAML would keep the last one and drop the first silently)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue  # `<<: *base` merges keys that the mapping may override
+            key, line = self.construct_object(key_node, deep=True), key_node.start_mark.line + 1
+            try:
+                if key in seen:
+                    raise _DuplicateKey(key, line, seen[key])
+                seen[key] = line
+            except TypeError:  # an unhashable key: PyYAML refuses it itself
+                continue
+        return super().construct_mapping(node, deep)
 
 
 _Loader.add_implicit_resolver(
@@ -292,19 +353,39 @@ _Loader.add_implicit_resolver(
 
 
 def parse_yaml(text: str, source: str = "<string>") -> Any:
+    """YAML text; ``source`` names it in errors (a file, whose errors get ``:line``, or ``--set key``)."""
+    in_file = not source.startswith("--set")
     try:
         return yaml.load(text, Loader=_Loader)
     except yaml.MarkedYAMLError as error:
         mark = error.problem_mark or error.context_mark
-        where = f"{source}:{mark.line + 1}" if mark else source
+        where = f"{source}:{mark.line + 1}" if mark and in_file else source
         raise ConfigError(f"{where}: YAML syntax error: {error.problem or error.context}") from error
+    except _DuplicateKey as error:
+        where = f"{source}:{error.line}" if in_file else source
+        first = f" (first at line {error.first})" if in_file else ""
+        raise ConfigError(f"{where}: duplicated key {error.key!r}{first}") from None
+
+
+def read_config_text(path: str | Path) -> str:
+    """A config file's text: one ``ConfigError`` line when it is missing, not a file, or not UTF-8."""
+    path = Path(path)
+    if not path.exists():
+        raise ConfigError(f"config file not found: {path}")
+    if not path.is_file():
+        raise ConfigError(f"config file is not a file: {path}")
+    raw = path.read_bytes()
+    try:
+        return raw.decode("utf-8-sig")
+    except UnicodeDecodeError as error:
+        line = raw[:error.start].count(b"\n") + 1
+        column = error.start - (raw.rfind(b"\n", 0, error.start) + 1) + 1
+        raise ConfigError(f"{path}:{line}: not UTF-8 text (bad byte at column {column}): save the file as UTF-8") from None
 
 
 def read_yaml(path: str | Path) -> dict[str, Any]:
     path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"config file not found: {path}")
-    data = parse_yaml(path.read_text(), str(path))
+    data = parse_yaml(read_config_text(path), str(path))
     if data is None:
         return {}
     if not isinstance(data, dict):
@@ -404,11 +485,10 @@ def _deep_merge(base: dict[str, Any], top: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def _component_name(section: Any) -> str | None:
-    if isinstance(section, str):
-        return section
+    """The name a component section gives, if it gives one (anything else fails validation, with its origin)."""
     if isinstance(section, dict):
-        return section.get("name")
-    return None
+        section = section.get("name")
+    return section if isinstance(section, str) else None
 
 
 #: who wins when recommendations disagree, most specific first ("pair" = a recommendation for two components)
@@ -488,11 +568,22 @@ def _section_data(data: dict[str, Any], where: str) -> dict[str, Any]:
 
 
 def names_a_component(flags: Mapping[str, Any] | None, assignments: list[str] | None) -> bool:
-    """Whether the command line names a component: then the embedded default recipe does not apply."""
+    """Whether the command line names a component: then the embedded default recipe does not apply.
+
+    ``--set`` names one when it sets a section (``features=latent``), a name (``generator.name=...``,
+    ``rankers.1.name=...``) or a ranker entry (``rankers.1=...``); setting a component's options
+    (``features.exclude=[cnn]``, ``rankers.0.weight=2``) adjusts the components the default names."""
     if any((flags or {}).get(key) for key in ("generator", "rankers", "features", "kernel")):
         return True
     sections = ("generator", "rankers", "features", "kernel")
-    return any(parse_assignment(line)[0].split(".")[0] in sections for line in assignments or [])
+    for line in assignments or []:
+        parts = parse_assignment(line)[0].split(".")
+        if parts[0] not in sections:
+            continue
+        inner = parts[2:] if parts[0] == "rankers" and len(parts) > 1 and parts[1].isdigit() else parts[1:]
+        if inner in ([], ["name"]):
+            return True
+    return False
 
 
 def resolve_config(
@@ -510,7 +601,7 @@ def resolve_config(
     layers: list[tuple[str, dict[str, Any]]] = []
     text = ""
     if file is not None:
-        text = _read_text(Path(file))
+        text = read_config_text(file)
         layers.append((str(file), read_yaml(file)))
     elif base is not None:
         layers.append((base_origin, copy.deepcopy(dict(base))))
@@ -563,10 +654,6 @@ def _sections(layer: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def _read_text(path: Path) -> str:
-    return path.read_text() if path.is_file() else ""
-
-
 def _recommendations(user: dict[str, Any], origins: dict[str, str], registry: Registry
                      ) -> tuple[dict[str, Any], dict[str, str], list[Conflict], dict[str, ComponentSpec]]:
     """The chosen components' recommended settings, merged by ``PRECEDENCE``: (settings as a nested dict,
@@ -578,7 +665,7 @@ def _recommendations(user: dict[str, Any], origins: dict[str, str], registry: Re
             if name:  # a section without a name fails validation below, with its file and line
                 chosen[section] = name
     rankers = user.get("rankers")
-    rankers = [rankers] if isinstance(rankers, (str, dict)) else rankers or []
+    rankers = [rankers] if isinstance(rankers, (str, dict)) else rankers if isinstance(rankers, list) else []
     chosen.update({f"rankers.{i}": name for i, name in enumerate(map(_component_name, rankers)) if name})
     while True:  # a feature space or kernel nobody named may be recommended by another component
         specs = {where: _lookup(registry, _KIND_OF[where.split(".")[0]], name, where) for where, name in chosen.items()}
@@ -668,16 +755,33 @@ def _none_named(section: str, data: dict[str, Any]) -> str:
 def _describe(error: ValidationError, first: Any, text: str, source: str, origins: dict[str, str]) -> str:
     loc, message = describe(error, RunConfig, first)
     dotted = ".".join(loc)
-    origin = origins.get(dotted) or _origin_of_section(origins, dotted) or source
+    origin = _origin_of(origins, dotted)
+    if origin is _MIXED:  # a rule across keys of several origins: name each key the message names
+        keys = [key for key in dict.fromkeys(re.findall(r"[a-z_]+(?:\.[a-z_0-9]+)+", message)) if key in origins]
+        named = f" ({', '.join(f'{key} from {origins[key]}' for key in keys)})" if keys else ""
+        return f"{dotted}: {message}{named}"
+    origin = origin or source
     line = _line_of(text, dotted) if text and origin == source else None
     where = f"{origin}:{line}: " if line else (f"{origin}: " if origin and origin != "default" else "")
     return f"{where}{dotted}: {message}"
 
 
-def _origin_of_section(origins: dict[str, str], dotted: str) -> str | None:
-    """The origin of a section's values (for an error about the whole section), when they share one."""
-    found = {origin for key, origin in origins.items() if key.startswith(dotted + ".")}
-    return found.pop() if len(found) == 1 else None
+_MIXED = "several origins"
+
+
+def _origin_of(origins: dict[str, str], dotted: str) -> str | None:
+    """Where the value at ``dotted`` came from: its own origin, else that of the nearest enclosing key
+    that has one (``train.betas`` for ``train.betas.0``), else the one origin of a section's values
+    (an error about a whole section); ``_MIXED`` when those differ, None when nothing is known."""
+    parts = dotted.split(".")
+    for n in range(len(parts), 0, -1):
+        prefix = ".".join(parts[:n])
+        if prefix in origins:
+            return origins[prefix]
+        found = {origin for key, origin in origins.items() if key.startswith(prefix + ".")}
+        if found:
+            return found.pop() if len(found) == 1 else _MIXED
+    return None
 
 
 def validate_model(model: type[BaseModel], data: dict[str, Any], where: str) -> BaseModel:

@@ -89,6 +89,12 @@ class Generator(ABC):
         """Trade compute for memory; generators without it may ignore it."""
         return None
 
+    def check_prompts(self, prompts: Sequence[str]) -> None:
+        """Raise :class:`~drpo_core.errors.DrpoError` (one line) if some prompts are ones this generator
+        cannot take (a grammar, a length limit): called on a run's prompts before it starts. Accepts all
+        by default."""
+        return None
+
     def export(self, out_dir: Path, format: str, fuse: bool = False,
                card: Mapping[str, Any] | None = None) -> Path:
         """Write the trained generator for use outside drpo in one of ``export_formats``."""

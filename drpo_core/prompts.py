@@ -51,6 +51,10 @@ class PromptRecord:
 def load_prompts(path: str | Path, format: str = "auto") -> list[PromptRecord]:
     """Read a prompt file; ``format`` is ``"text"``, ``"geneval"``, ``"parti"`` or ``"auto"`` (by suffix)."""
     path = Path(path)
+    if not path.exists():
+        raise DrpoError(f"prompt file not found: {path}")
+    if not path.is_file():
+        raise DrpoError(f"prompt path is not a file: {path}")
     fmt = _resolve_format(path, format)
     if fmt == "geneval":
         records = _parse_geneval(path)
@@ -270,6 +274,13 @@ class PromptStream:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore the exact position saved by :meth:`state_dict`."""
+        if not isinstance(state, dict):
+            raise DrpoError(f"prompt stream state: expected an object, got {type(state).__name__}")
+        damaged = [key for key in ("epoch", "position", "global_index")
+                   if isinstance(state.get(key), bool) or not isinstance(state.get(key), int)]
+        if damaged:
+            raise DrpoError(f"prompt stream state: {', '.join(map(repr, damaged))} missing or not an integer "
+                            "(a damaged checkpoint)")
         self._check_same_setup(state)
         position = int(state["position"])
         if not 0 <= position < len(self._records):

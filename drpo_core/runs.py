@@ -58,6 +58,8 @@ def base_generator(reference: str, assignments: list[str], device: str = "cpu") 
 def sample_images(generator: Any, records: Sequence[PromptRecord], seeds: Sequence[int], out_dir: Path,
                   batch_size: int = 8) -> Path:
     """PNG files and a ``manifest.jsonl`` of ``{"prompt", "seed", "file"}`` rows."""
+    generator.check_prompts(list(dict.fromkeys(record.text for record in records)))
+    check_out_dir(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     jobs = [(i, record, seed) for i, record in enumerate(records) for seed in seeds]
     rows = []
@@ -79,9 +81,7 @@ def sample_images(generator: Any, records: Sequence[PromptRecord], seeds: Sequen
 
 def score_manifest(manifest: Path, rankers: Sequence[tuple[str, Any]], batch_size: int = 16) -> dict[str, float]:
     """Mean score of each ranker over the images a manifest lists; writes ``scores.jsonl`` beside it."""
-    rows = [row for _, row in read_jsonl(manifest, required=("prompt", "file"), what="manifest")]
-    if not rows:
-        raise DrpoError(f"{manifest}: no images listed")
+    rows = read_manifest(manifest)
     scores: dict[str, list[float]] = {name: [] for name, _ in rankers}
     for start in range(0, len(rows), batch_size):
         chunk = rows[start:start + batch_size]
@@ -94,6 +94,29 @@ def score_manifest(manifest: Path, rankers: Sequence[tuple[str, Any]], batch_siz
         for i, row in enumerate(rows):
             handle.write(json.dumps({"file": row["file"], **{n: s[i] for n, s in scores.items()}}) + "\n")
     return {name: float(np.mean(values)) for name, values in scores.items()}
+
+
+def read_manifest(manifest: Path) -> list[dict[str, Any]]:
+    """The rows of a sample manifest, each with a ``prompt`` and the ``file`` of an image that is there:
+    else one line naming ``manifest:line``."""
+    numbered = read_jsonl(manifest, required=("prompt", "file"), what="manifest")
+    if not numbered:
+        raise DrpoError(f"{manifest}: no images listed")
+    for number, row in numbered:
+        if not isinstance(row["file"], str) or not row["file"]:
+            raise DrpoError(f'{manifest}:{number}: "file" must be a string naming an image, got {row["file"]!r}')
+        if not (manifest.parent / row["file"]).is_file():
+            raise DrpoError(f"{manifest}:{number}: image not found: {manifest.parent / row['file']}")
+    return [row for _, row in numbered]
+
+
+def check_out_dir(out_dir: Path, flag: str = "--out") -> None:
+    """A folder for outputs: refused in one line when it (or a folder above it) is a file."""
+    existing = out_dir
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if existing.exists() and not existing.is_dir():
+        raise DrpoError(f"{flag} {out_dir} is a file" if existing == out_dir else f"{flag} {out_dir}: {existing} is a file")
 
 
 #: settings ``--resume`` may change: a finished run continues for more steps

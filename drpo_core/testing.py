@@ -35,6 +35,7 @@ import pytest
 import torch
 from pydantic import BaseModel, ConfigDict
 
+from drpo_core.checkpoint import check_state_fits
 from drpo_core.hookspecs import Register, hookimpl
 from drpo_core.interfaces import FeatureContext, FeatureSpace, Generator, Kernel, Ranker
 from drpo_core.registry import Registry, get_registry, registry_from, set_registry
@@ -95,6 +96,7 @@ class TinyGenerator(Generator):
         return {k: v.detach().clone() for k, v in self.net.state_dict().items()}
 
     def load_trainable_state_dict(self, state: Mapping[str, torch.Tensor]) -> None:
+        check_state_fits(self.net.state_dict(), state, "tiny generator weights")
         self.net.load_state_dict(dict(state))
 
 

@@ -46,20 +46,13 @@ from drpo_core.checkpoint import assign_parameters, split_trainable
 from drpo_core.config import ResolvedConfig, resolve_path
 from drpo_core.context import BuildContext
 from drpo_core.drift import DriftEstimator
-from drpo_core.errors import ComponentError, DrpoError
+from drpo_core.errors import ComponentError, ConfigError, DrpoError
 from drpo_core.evaluation import Evaluator
 from drpo_core.interfaces import FeatureContext
 from drpo_core.metrics import MetricsLog, StepTimer
 from drpo_core.noise import make_noise
-from drpo_core.prompts import (
-    EVAL_SPLIT_COUNT,
-    EVAL_SUBSET_COUNT,
-    PromptRecord,
-    PromptStream,
-    load_prompts,
-    split_prompts,
-    subset_prompts,
-)
+from drpo_core.preflight import check_run
+from drpo_core.prompts import PromptRecord, PromptStream
 from drpo_core.ranking import rank_candidates
 from drpo_core.registry import Registry, get_registry
 from drpo_core.runs import check_new_run_dir
@@ -71,7 +64,6 @@ from drpo_core.sources import (
     OfflineSource,
     OnlineSource,
     check_scores,
-    read_pairs,
     summarise_skips,
 )
 from drpo_core.tracking import Trackers
@@ -116,6 +108,8 @@ class Trainer:
         from accelerate.utils import set_seed
 
         self.resolved, self.cfg = resolved, resolved.config
+        # the device, the output folder and the prompt files, before anything is loaded
+        self._inputs = check_run(resolved, new_run=False)
         self.registry = registry or get_registry()
         self.command_line = list(command_line or [])
         self.console = console or Console()
@@ -132,6 +126,7 @@ class Trainer:
         set_seed(self.cfg.seed)
         self._build_components()
         self._build_prompts()
+        self._check_features()
         self.source = self._build_source(data_sampler)
 
     # -- setup -----------------------------------------------------------------------------
@@ -203,26 +198,35 @@ class Trainer:
         return resolve_path(path, self.resolved.config_dir)
 
     def _build_prompts(self) -> None:
-        p = self.cfg.prompts
-        source = self.cfg.source  # SourceConfig requires a path for offline
-        self._pairs = read_pairs(self._path(source.path)) if source.kind == "offline" and source.path else {}
-        if p.path is None and self._pairs:
-            records = [PromptRecord(text, None) for text in self._pairs]
-        elif p.path is None:
-            raise DrpoError("prompts.path: required (a prompt file, or pkg://package/file)")
-        else:
-            records = load_prompts(self._path(p.path), p.format)
-        if p.eval_path:  # a seeded subset of the file (all of it with eval_count: all)
-            held_out = load_prompts(self._path(p.eval_path), p.format)
-            count = None if p.eval_count == "all" else EVAL_SUBSET_COUNT if p.eval_count == "auto" else p.eval_count
-            self.train_prompts, self.eval_prompts = records, subset_prompts(held_out, count, seed=self.cfg.seed)
-            self._eval_file_size = len({r.text for r in held_out})
-        else:
-            split = p.eval_count if isinstance(p.eval_count, int) else EVAL_SPLIT_COUNT  # "all" needs eval_path
-            self.train_prompts, self.eval_prompts = split_prompts(records, eval_count=split, seed=self.cfg.seed)
-        if not self.train_prompts:
-            raise DrpoError("prompts: no training prompts left after the held-out split")
-        self.stream = PromptStream(self.train_prompts, seed=self.cfg.seed, shuffle=p.shuffle)
+        inputs = self._inputs  # read by drpo_core.preflight, as `drpo config validate` reads them
+        self._pairs, self.train_prompts, self.eval_prompts = inputs.pairs, inputs.train, inputs.eval
+        self._eval_file_size = inputs.eval_file_size
+        # a prompt the generator cannot take fails now, not in the first evaluation after the run has begun
+        self.generator.check_prompts(list(dict.fromkeys(r.text for r in [*self.train_prompts, *self.eval_prompts])))
+        self.stream = PromptStream(self.train_prompts, seed=self.cfg.seed, shuffle=self.cfg.prompts.shuffle)
+
+    def _check_features(self) -> None:
+        """The feature space on one probe sample: it must give keys, and each ``drift.key_weights`` prefix
+        must match one of them (a misspelt prefix would otherwise weigh nothing, silently)."""
+        prompts = [self.train_prompts[0].text]
+        noise = make_noise(self.generator.noise_shape, 0, 0, range(1)).to(self.device)
+        with torch.no_grad():
+            with self.accelerator.autocast():
+                latents = self.generator.reference(prompts, noise).float()
+            try:
+                keys = list(self.featurise(latents, prompts, noise))
+            except _Failure as failure:
+                raise ComponentError(f"features {self.cfg.features.name!r} on a probe sample: {failure}") from None
+        if not keys:
+            raise ComponentError(f"features {self.cfg.features.name!r} gave no feature keys on a probe sample: "
+                                 "check its options")
+        unmatched = [prefix for prefix in self.cfg.drift.key_weights if not any(k.startswith(prefix) for k in keys)]
+        if unmatched:
+            origin = self.resolved.origins.get("drift.key_weights") or self.resolved.origins.get(
+                f"drift.key_weights.{unmatched[0]}", "default")
+            where = "drift.key_weights" if origin == "default" else f"{origin}: drift.key_weights"
+            raise ConfigError(f"{where}: {', '.join(map(repr, unmatched))} match{'es' if len(unmatched) == 1 else ''} "
+                              f"no feature key of {self.cfg.features.name!r} (its keys: {_key_summary(keys)})")
 
     def _lr_factor(self, step: int) -> float:
         train = self.cfg.train
@@ -377,7 +381,10 @@ class Trainer:
         cfg = self.cfg
         if not resume:
             check_new_run_dir(self.run_dir)
-        self.run_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as error:
+            raise DrpoError(f"cannot create output directory {self.run_dir}: {error.strerror or error}") from None
         start_step = self._resume(resume) if resume else 0
         # before the run's files: a tracker that cannot start (wandb without a login) leaves no run behind
         self.trackers = Trackers(cfg.log.trackers, self.run_dir, start_step=start_step, resumed=bool(resume),
@@ -521,18 +528,38 @@ class Trainer:
     def _resume(self, which: str) -> int:
         path = ckpt.resolve_checkpoint(self.run_dir if which == "latest" else which)
         loaded = ckpt.load_checkpoint(path)
+        missing = [key for key in ("prompts", "metrics_lines") if key not in loaded.state]
+        if missing:
+            raise DrpoError(f"{path / 'state.json'}: missing {', '.join(map(repr, missing))} (a damaged checkpoint, "
+                            "or not one `drpo train` wrote)")
         weights, ema, memory = split_trainable(loaded.trainable)
         if self.ema is not None:
             if len(ema) != len(self.ema):
                 raise DrpoError(f"{path} holds {len(ema)} EMA tensors, this run keeps {len(self.ema)}: "
                                 "resume with the train.ema_decay the run was started with")
-            self.ema = ema
+            resized = [i for i, (saved, own) in enumerate(zip(ema, self.ema, strict=True)) if saved.shape != own.shape]
+            if resized:
+                i = resized[0]
+                raise DrpoError(f"{path / 'trainable.safetensors'}: EMA tensor ema.{i} has shape "
+                                f"{tuple(ema[i].shape)}, the parameter it averages {tuple(self.ema[i].shape)}")
+            self.ema = [saved.to(own.device, own.dtype) for saved, own in zip(ema, self.ema, strict=True)]
         self.source.load_checkpoint_state({f"memory.{n}": t for n, t in enumerate(memory)}, loaded.state)
-        self.generator.load_trainable_state_dict(weights)
-        self.optimizer.load_state_dict(loaded.optimizer_state)
-        self.scheduler.load_state_dict(loaded.scheduler_state)
+        try:
+            self.generator.load_trainable_state_dict(weights)
+        except DrpoError as error:
+            raise DrpoError(f"{path / 'trainable.safetensors'}: {error}") from None
+        for name, target, state in (("optimizer.pt", self.optimizer, loaded.optimizer_state),
+                                    ("scheduler.pt", self.scheduler, loaded.scheduler_state)):
+            try:
+                target.load_state_dict(state)
+            except (KeyError, IndexError, TypeError, ValueError, RuntimeError) as error:
+                raise DrpoError(f"{path / name} does not fit this run's {name.split('.')[0]} ({_reason(error)})"
+                                ) from None
         self.stream.load_state_dict(loaded.state["prompts"])
-        ckpt.restore_rng_state(loaded.rng)
+        try:
+            ckpt.restore_rng_state(loaded.rng)
+        except (KeyError, IndexError, TypeError, ValueError, RuntimeError) as error:
+            raise DrpoError(f"{path / 'rng.pt'}: not a random-number state drpo wrote ({_reason(error)})") from None
         self._metrics_lines = loaded.state["metrics_lines"]
         self.console.print(f"resumed from {path} at step {loaded.step}")
         return loaded.step
@@ -594,6 +621,18 @@ def _accumulate(record: dict[str, Any], out: dict[str, Any], n: int) -> None:
             record[key] = record.get(key, 0.0) + value / n
         else:
             record[key] = value
+
+
+def _reason(error: BaseException) -> str:
+    """An exception as a short clause: its type and the first line of its message."""
+    lines = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {lines[0]}" if lines else type(error).__name__
+
+
+def _key_summary(keys: Sequence[str], limit: int = 16) -> str:
+    """Feature keys for a message: a family of located keys (``patch8@0,0``, ...) as one ``patch8@*``."""
+    names = list(dict.fromkeys(key.split("@")[0] + "@*" if "@" in key else key for key in keys))
+    return ", ".join(names[:limit]) + (f", ... ({len(names)} in all)" if len(names) > limit else "")
 
 
 def _progress_text(record: dict[str, Any]) -> str:

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import difflib
-from typing import Any
+import math
+from types import UnionType
+from typing import Any, Union, get_args, get_origin
 
 from pydantic import BaseModel, ValidationError
 
@@ -26,12 +28,37 @@ def describe(error: ValidationError, model: type[BaseModel], first: Any = None) 
 
 
 def validate_model(model: type[BaseModel], data: dict[str, Any], where: str) -> BaseModel:
-    """Validate a component's options; errors name ``where.key``."""
+    """Validate a component's options; errors name ``where.key``. The run config's rules hold for every
+    plugin's options too: no non-finite float anywhere, no boolean where a number goes."""
+    for key, value in data.items():
+        _check_value(model, key, value, f"{where}.{key}")
     try:
         return model.model_validate(data)
     except ValidationError as error:
         loc, message = describe(error, model)
         raise ConfigError(f"{'.'.join([where, *loc])}: {message}") from None
+
+
+def _check_value(model: type[BaseModel], key: str, value: Any, dotted: str) -> None:
+    if isinstance(value, bool):
+        field = getattr(model, "model_fields", {}).get(key)
+        if field is not None and _numbers_only(field.annotation):
+            raise ConfigError(f"{dotted}: expected a number, got a boolean ({value})")
+    elif isinstance(value, float) and not math.isfinite(value):
+        raise ConfigError(f"{dotted}: must be a finite number (got {value})")
+    elif isinstance(value, dict):
+        for inner, item in value.items():
+            _check_value(BaseModel, str(inner), item, f"{dotted}.{inner}")
+    elif isinstance(value, (list, tuple)):
+        for index, item in enumerate(value):
+            _check_value(BaseModel, str(index), item, f"{dotted}.{index}")
+
+
+def _numbers_only(annotation: Any) -> bool:
+    """``int``, ``float`` or an optional one: a field where ``true`` would silently count as 1."""
+    types = set(get_args(annotation)) if get_origin(annotation) in (Union, UnionType) else {annotation}
+    types.discard(type(None))
+    return bool(types) and types <= {int, float}
 
 
 def _suggestion(model: type[BaseModel], loc: list[str]) -> str:

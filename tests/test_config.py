@@ -54,7 +54,7 @@ def error_of(*args, **kwargs) -> str:
 
 def test_layers_and_their_origins(isolated_registry, write):
     isolated_registry.register_module(_SoftKernelPlugin())
-    recipe = write(COMPONENTS + "kernel: rbf\ntrain: {lr: 3e-4, steps: 10, grad_accum: 2}\n")
+    recipe = write(COMPONENTS.replace("kernel: laplacian", "kernel: rbf") + "train: {lr: 3e-4, steps: 10, grad_accum: 2}\n")
     resolved = resolve_config(recipe, flags={"kernel": "soft", "output_dir": "runs/x"},
                               assignments=["train.steps=20", "selection.candidates=20"])
     cfg, origins = resolved.config, resolved.origins

@@ -58,7 +58,7 @@ def test_state_dict_round_trip_and_weights_file(tmp_path):
     assert torch.allclose(loaded.reference(PROMPTS, z), trained.sample(PROMPTS, z))
     with pytest.raises(ComponentError, match="not found"):
         ShapesGenerator(weights=tmp_path / "missing.safetensors")
-    with pytest.raises(ComponentError, match="do not match"):
+    with pytest.raises(ComponentError, match="do not fit the network"):
         loaded.load_trainable_state_dict({"bogus": torch.zeros(1)})
 
 

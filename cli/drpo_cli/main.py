@@ -79,6 +79,7 @@ def train(config: ConfigOpt = None, generator: GeneratorOpt = None, ranker: Rank
                    "or a checkpoint directory. Only --set train.steps=N may change it (to run longer).")] = None,
           dry_run: Annotated[bool, typer.Option("--dry-run", help="Build every component, print the plan.")] = False):
     """Run DrPO (with no flags: the embedded toy-world default, a few minutes on a CPU)."""
+    from drpo_core.preflight import check_run
     from drpo_core.runs import resume_config
     from drpo_core.trainer import Trainer
 
@@ -90,6 +91,9 @@ def train(config: ConfigOpt = None, generator: GeneratorOpt = None, ranker: Rank
             console.print(note)
     else:
         resolved, checkpoint = _resolve(config, generator, ranker, features, kernel, assignments, output_dir), None
+    # before any model loads: the device, the prompt files, and the output directory (a new run must not
+    # land on another run's)
+    check_run(resolved, new_run=checkpoint is None)
     trainer = Trainer(resolved, command_line=sys.argv, console=console)
     if dry_run:
         for line in trainer.plan():
@@ -129,12 +133,26 @@ def config_show(config: ConfigOpt = None, generator: GeneratorOpt = None, ranker
 
 
 @config_app.command("validate")
-def config_validate(file: Annotated[Path, typer.Argument(help="YAML recipe to check.")]):
-    """Check a recipe: syntax, types, ranges, plugin names and plugin options."""
-    from drpo_core.config import resolve_config
+def config_validate(file: Annotated[Path | None, typer.Argument(help="YAML recipe to check (or --config).")] = None,
+                    config: ConfigOpt = None, generator: GeneratorOpt = None, ranker: RankerOpt = None,
+                    features: FeaturesOpt = None, kernel: KernelOpt = None, assignments: SetOpt = None,
+                    output_dir: OutputOpt = None):
+    """Check a run as `drpo train` would before loading any model: syntax, types, ranges, plugin names and
+    options, the device, the output directory and the prompt files (with no recipe: the embedded default)."""
+    from drpo_core.preflight import check_run
+    from drpo_core.runs import run_in
 
-    resolve_config(file)
-    typer.echo(f"{file}: valid")
+    if file is not None and config is not None:
+        raise DrpoError("config validate: give the recipe once, as FILE or as --config")
+    recipe = file if file is not None else config
+    resolved = _resolve(recipe, generator, ranker, features, kernel, assignments, output_dir)
+    check_run(resolved, new_run=False)
+    typer.echo(f"{recipe if recipe is not None else 'the embedded default recipe'}: valid")
+    run_dir = Path(resolved.config.output_dir)
+    held = run_in(run_dir) if run_dir.is_dir() else None
+    if held:  # the recipe is fine; the folder is taken (a saved run's own config.yaml validates too)
+        typer.echo(f"note: {run_dir} already holds a run ({held}): `drpo train` would not start a new run there; "
+                   f"continue it with --resume latest --output-dir {run_dir}, or give another --output-dir")
 
 
 @app.command()
@@ -146,18 +164,22 @@ def sample(prompts: Annotated[Path, typer.Option("--prompts", help="Prompt file 
            device: Annotated[str, typer.Option(help="cpu, cuda, cuda:N.")] = "cpu"):
     """Generate images for prompts x seeds, with a manifest that `drpo eval` reads."""
     from drpo_core.config import parse_seeds, read_yaml
+    from drpo_core.preflight import check_device
     from drpo_core.prompts import load_prompts
-    from drpo_core.runs import base_generator, load_generator, sample_images
+    from drpo_core.runs import base_generator, check_out_dir, load_generator, sample_images
 
-    if run is None:  # the base generator alone: the embedded default's unless --generator names one
-        model = base_generator(generator or read_yaml(DEFAULT_RECIPE)["generator"], assignments or [], device)
-    else:
-        _, model = load_generator(run, device=device)
+    check_device(device, "--device")  # the cheap checks first: nothing loads for a bad input
+    check_out_dir(out)
+    records = load_prompts(prompts)
     try:
         seed_list = parse_seeds(seeds)
     except ValueError as error:
         raise DrpoError(f"--seeds: {error}") from None
-    manifest = sample_images(model, load_prompts(prompts), seed_list, out)
+    if run is None:  # the base generator alone: the embedded default's unless --generator names one
+        model = base_generator(generator or read_yaml(DEFAULT_RECIPE)["generator"], assignments or [], device)
+    else:
+        _, model = load_generator(run, device=device)
+    manifest = sample_images(model, records, seed_list, out)
     typer.echo(f"wrote {manifest}")
 
 
@@ -167,8 +189,9 @@ def evaluate(manifest: Annotated[Path, typer.Argument(help="manifest.jsonl writt
     """Score the images of a manifest with one or more rankers (mean per ranker)."""
     from drpo_core.context import BuildContext
     from drpo_core.registry import get_registry
-    from drpo_core.runs import score_manifest
+    from drpo_core.runs import read_manifest, score_manifest
 
+    read_manifest(manifest)  # a bad manifest fails before any ranker loads
     registry = get_registry()
     built = [(name, registry.build("ranker", name, {}, BuildContext(), "--ranker")) for name in rankers]
     for name, mean in score_manifest(manifest, built).items():

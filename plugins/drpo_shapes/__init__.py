@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, ValidationInfo, field_validator
+from pydantic import BaseModel, ConfigDict, ValidationInfo, field_validator, model_validator
 
 from drpo_core import hookimpl
 from drpo_core.context import BuildContext, LocalPath
@@ -68,12 +68,20 @@ class FeatureOptions(BaseModel):
             raise ValueError("it removes the random CNN's keys (cnn1-3), so its seed would change nothing")
         return exclude
 
+    @model_validator(mode="after")
+    def _keys_left(self) -> FeatureOptions:
+        if not [key for key in feature_keys(self.encoder) if not key.startswith(tuple(self.exclude))]:
+            families = ", ".join(dict.fromkeys(key.split("@")[0] for key in feature_keys(self.encoder)))
+            raise ValueError(f"exclude removes every feature key (the keys start with: {families})")
+        return self
 
-def feature_keys(encoder: bool = True) -> list[str]:
-    """The keys of the shapes feature space (``drpo_shapes.features``) on the world's 32x32 images."""
-    cells = [f"{r},{c}" for r in range(4) for c in range(4)]
-    return [*(f"patch8@{cell}" for cell in cells), *(f"patch4@{cell}" for cell in cells), "pool4", "color",
-            "edges", "edge_cells", "cnn1", "cnn2", "cnn3", *(("enc", "enc_cells") if encoder else ())]
+
+def feature_keys(encoder: bool = True, cells: int = 4) -> list[str]:
+    """The keys of the toy world's feature space (``features.ShapesFeatures``) for its 32x32 images."""
+    grid = [f"{r},{c}" for r in range(cells) for c in range(cells)]
+    keys = [f"patch8@{g}" for g in grid] + [f"patch4@{g}" for g in grid]
+    keys += ["pool4", "color", "edges", "edge_cells", "cnn1", "cnn2", "cnn3"]
+    return keys + (["enc", "enc_cells"] if encoder else [])
 
 
 @hookimpl

@@ -19,9 +19,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from drpo_core.checkpoint import check_state_fits
 from drpo_core.errors import ComponentError
 from drpo_core.interfaces import Generator
-from drpo_shapes.world import COLORS, COUNT_WORDS, SHAPES, parse_prompt
+from drpo_shapes.world import COLORS, COUNT_WORDS, SHAPES, check_prompts, parse_prompt
 
 DEFAULT_WEIGHTS = Path(__file__).parent / "weights" / "base.safetensors"
 NOISE_SHAPE = (8, 16, 16)
@@ -111,6 +112,8 @@ class ShapesGenerator(Generator):
             self.net = ShapesUNet()
         if init == "pretrained":
             path = Path(weights) if weights is not None else DEFAULT_WEIGHTS
+            if path.exists() and not path.is_file():
+                raise ComponentError(f"shapes generator weights {path} is not a file")
             if path.exists():
                 self.load_trainable_state_dict(load_weights(path))
             elif weights is not None:
@@ -151,16 +154,21 @@ class ShapesGenerator(Generator):
         return {k: v.detach().cpu().clone().contiguous() for k, v in self.net.state_dict().items()}
 
     def load_trainable_state_dict(self, state: Mapping[str, torch.Tensor]) -> None:
-        missing = set(self.net.state_dict()) ^ set(state)
-        if missing:
-            raise ComponentError(f"shapes generator weights do not match the network: {sorted(missing)[:5]} ...")
+        check_state_fits(self.net.state_dict(), state, "shapes generator weights")
         self.net.load_state_dict(dict(state))
+
+    def check_prompts(self, prompts: Sequence[str]) -> None:
+        check_prompts(prompts)
 
     def train(self, mode: bool = True) -> None:
         self.net.train(mode)
 
 
 def load_weights(path: str | Path) -> dict[str, torch.Tensor]:
+    from safetensors import SafetensorError
     from safetensors.torch import load_file
 
-    return load_file(str(path))
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError) as error:
+        raise ComponentError(f"{path}: not a safetensors file ({error})") from None

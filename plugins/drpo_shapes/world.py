@@ -15,6 +15,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from drpo_core.errors import DrpoError
+
 if TYPE_CHECKING:
     import torch
 
@@ -62,18 +64,40 @@ def all_prompts() -> list[str]:
     return [scene.prompt for scene in all_scenes()]
 
 
+class PromptError(DrpoError, ValueError):
+    """A prompt outside the world's grammar: a bad input, one line."""
+
+
+GRAMMAR = f"'<{'|'.join(COUNT_WORDS)}> <{'|'.join(COLORS)}> <{'|'.join(SHAPES)}>[s]', e.g. 'three blue circles'"
+
+
 def parse_prompt(prompt: str) -> Scene:
-    """The scene a prompt describes; ``ValueError`` naming the grammar when it is not one."""
+    """The scene a prompt describes; :class:`PromptError` (a ``ValueError``) naming the grammar when it is not one."""
     words = prompt.strip().lower().split()
     if len(words) == 3 and words[0] in COUNT_WORDS and words[1] in COLORS:
         count = COUNT_WORDS.index(words[0]) + 1
         shape = words[2][:-1] if count > 1 and words[2].endswith("s") else words[2]
         if shape in SHAPES and (count > 1) == words[2].endswith("s"):
             return Scene(count, words[1], shape)
-    raise ValueError(
-        f"{prompt!r} is not a shapes prompt: expected '<{'|'.join(COUNT_WORDS)}> "
-        f"<{'|'.join(COLORS)}> <{'|'.join(SHAPES)}>[s]', e.g. 'three blue circles'"
-    )
+    raise PromptError(f"{shorten(prompt)!r} is not a shapes prompt: expected {GRAMMAR}")
+
+
+def check_prompts(prompts: Sequence[str]) -> None:
+    """Every prompt parses; else one :class:`PromptError` naming the first that does not, and how many."""
+    bad = []
+    for prompt in prompts:
+        try:
+            parse_prompt(prompt)
+        except PromptError:
+            bad.append(prompt)
+    if bad:
+        others = f" (and {len(bad) - 1} more of {len(prompts)} prompts)" if len(bad) > 1 else ""
+        raise PromptError(f"{shorten(bad[0])!r} is not a shapes prompt{others}: expected {GRAMMAR}")
+
+
+def shorten(text: str, width: int = 80) -> str:
+    """``text`` cut to ``width`` characters for a message, marking the cut."""
+    return text if len(text) <= width else f"{text[:width - 13]}... ({len(text)} chars)"
 
 
 def prompt_metadata(prompt: str) -> dict[str, Any]:
