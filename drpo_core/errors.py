@@ -15,3 +15,9 @@ class PluginError(DrpoError):
 
 class ComponentError(DrpoError):
     """A component misbehaved at run time (a ranker returned NaN or the wrong count, ...)."""
+
+
+class RunAborted(KeyboardInterrupt):
+    """A second SIGINT or SIGTERM: the run stops at once, writing nothing half-done. The CLI prints
+    ``str(error)`` as one line and exits with code 130. A ``KeyboardInterrupt``, so no ``except
+    Exception`` on the way (a ranker guard, say) can swallow it."""

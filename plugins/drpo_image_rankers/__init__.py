@@ -5,6 +5,8 @@ std), ``redness`` (red minus the mean of green and blue). Each is a black box to
 learned reward; use ``--set rankers.0.invert=true`` to prefer the opposite.
 """
 
+from functools import partial
+
 from pydantic import BaseModel, ConfigDict
 
 from drpo_core import hookimpl
@@ -20,13 +22,11 @@ class StatisticOptions(BaseModel):
 @hookimpl
 def drpo_register_rankers(register):
     for name in STATISTICS:
-        register(name, _factory(name), options=StatisticOptions, summary=f"image {name} (programmatic)")
+        # a partial of a module-level function pickles, so `timeout` can run the ranker in a worker process
+        register(name, partial(_build, name), options=StatisticOptions, summary=f"image {name} (programmatic)")
 
 
-def _factory(name):
-    def build(options, context):
-        from drpo_image_rankers.rankers import StatisticRanker
+def _build(name, options, context):
+    from drpo_image_rankers.rankers import StatisticRanker
 
-        return StatisticRanker(name, invert=options.invert)
-
-    return build
+    return StatisticRanker(name, invert=options.invert)
