@@ -80,11 +80,17 @@ def save_checkpoint(
     state: dict[str, Any],
     config_text: str,
     keep_last: int | None = 3,
+    rng_state: dict[str, Any] | None = None,
 ) -> Path:
     """Write a checkpoint for ``step`` atomically and return its directory.
 
-    Also captures the current RNG states. Afterwards only the ``keep_last`` newest step
-    directories are kept (``None`` keeps all); the one ``latest`` names is never deleted.
+    Also captures the current RNG states, or saves ``rng_state`` (from :func:`capture_rng_state`)
+    instead: the loop passes the states of a step's start when it checkpoints a step it could not
+    finish. Afterwards only the ``keep_last`` newest step directories are kept (``None`` keeps
+    all); the one ``latest`` names is never deleted.
+
+    Floating-point trainable tensors must be finite: a NaN or an infinity is refused with one
+    line before anything is written, so the previous checkpoint and ``latest`` stay as they were.
     """
     if isinstance(step, bool) or not isinstance(step, int) or step < 0:
         raise ConfigError(f"checkpoint step must be a non-negative integer, got {step!r}")
@@ -95,6 +101,7 @@ def save_checkpoint(
     _check_weights_only_loadable(optimizer_state, "optimizer_state")
     _check_weights_only_loadable(scheduler_state, "scheduler_state")
     tensors = _cpu_tensors(trainable)
+    _check_finite(tensors)
 
     ckpt_dir = Path(run_dir) / CHECKPOINTS_DIR
     ckpt_dir.mkdir(parents=True, exist_ok=True)
@@ -102,7 +109,8 @@ def save_checkpoint(
     tmp = _tmp_path(ckpt_dir, name)
     tmp.mkdir()
     try:
-        _write_files(tmp, tensors, optimizer_state, scheduler_state, state_text, config_text)
+        _write_files(tmp, tensors, optimizer_state, scheduler_state, state_text, config_text,
+                     capture_rng_state() if rng_state is None else rng_state)
         _fsync_dir(tmp)
         final = ckpt_dir / name
         _move_into_place(tmp, final)
@@ -115,12 +123,13 @@ def save_checkpoint(
 
 
 def _write_files(tmp: Path, tensors: dict[str, torch.Tensor], optimizer_state: dict[str, Any],
-                 scheduler_state: dict[str, Any], state_text: str, config_text: str) -> None:
+                 scheduler_state: dict[str, Any], state_text: str, config_text: str,
+                 rng_state: dict[str, Any]) -> None:
     save_file(tensors, str(tmp / "trainable.safetensors"))
     _fsync_file(tmp / "trainable.safetensors")
     _write_synced(tmp / "optimizer.pt", lambda f: torch.save(optimizer_state, f))
     _write_synced(tmp / "scheduler.pt", lambda f: torch.save(scheduler_state, f))
-    _write_synced(tmp / "rng.pt", lambda f: torch.save(capture_rng_state(), f))
+    _write_synced(tmp / "rng.pt", lambda f: torch.save(rng_state, f))
     _write_synced(tmp / "config.yaml", lambda f: f.write(config_text.encode("utf-8")))
     # state.json last: a directory holding it has all the other files too
     _write_synced(tmp / "state.json", lambda f: f.write(state_text.encode("utf-8")))
@@ -190,6 +199,16 @@ def _cpu_tensors(trainable: Mapping[str, torch.Tensor]) -> dict[str, torch.Tenso
         # a private copy: safetensors rejects tensors sharing storage, and the snapshot must not change
         tensors[key] = value.detach().to("cpu", copy=True).contiguous()
     return tensors
+
+
+def _check_finite(tensors: Mapping[str, torch.Tensor]) -> None:
+    """Refuse NaN and infinite values in floating-point tensors: such weights are lost already, and
+    saving them would replace the last good checkpoint as ``latest``."""
+    bad = [key for key, value in tensors.items()
+           if (value.is_floating_point() or value.is_complex()) and not bool(torch.isfinite(value).all())]
+    if bad:
+        raise DrpoError(f"refusing to checkpoint non-finite weights: {len(bad)} of {len(tensors)} tensors hold "
+                        f"NaN or infinite values (first: {bad[0]!r}); the previous checkpoint is kept")
 
 
 # what torch.load(weights_only=True) can rebuild; anything else would only fail at resume time

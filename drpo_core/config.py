@@ -30,6 +30,7 @@ from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic.functional_serializers import model_serializer
 
 from drpo_core.context import LOCAL_PATH
 from drpo_core.errors import ConfigError, DrpoError
@@ -69,6 +70,17 @@ class ComponentConfig(BaseModel):
 
 class RankerConfig(ComponentConfig):
     weight: float = Field(1.0, gt=0)
+    timeout: float | None = Field(
+        None, gt=0, allow_inf_nan=False,
+        description="seconds one call of the ranker may take: the ranker is then built and called in a "
+                    "worker process, which is ended when a call passes it (none: in this process, no limit)")
+
+    @model_serializer(mode="wrap")
+    def _without_unset_timeout(self, handler: Any) -> Any:
+        data = handler(self)  # a ranker section reads as written: no `timeout: null` in saved configs
+        if isinstance(data, dict) and data.get("timeout") is None:
+            data.pop("timeout", None)
+        return data
 
 
 class SelectionConfig(_Strict):

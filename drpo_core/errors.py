@@ -19,3 +19,9 @@ class ComponentError(DrpoError):
 
 class AssetError(DrpoError):
     """A model file is missing, cannot be downloaded, fails its checksum or cannot be read safely."""
+
+
+class RunAborted(KeyboardInterrupt):
+    """A second SIGINT or SIGTERM: the run stops at once, writing nothing half-done. The CLI prints
+    ``str(error)`` as one line and exits with code 130. A ``KeyboardInterrupt``, so no ``except
+    Exception`` on the way (a ranker guard, say) can swallow it."""

@@ -13,11 +13,17 @@ diversity are kept after the first evaluation, since the base never changes. The
 (``eval.rankers``) are built at the start of each evaluation and released at its end, so they do not
 sit beside the training rankers on the accelerator. Evaluation leaves the global random number
 generators as it found them.
+
+A ranker that raises or returns something that is not one score per image fails the evaluation with
+an :class:`EvaluationError` (one line; the trainer decides what that means at that point). Non-finite
+scores do not: a ranker's mean is that of its finite scores, and ``nonfinite/NAME`` (``base_nonfinite/``)
+counts the others when there are any.
 """
 
 from __future__ import annotations
 
 import gc
+import math
 import random
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager, nullcontext
@@ -34,6 +40,8 @@ from rich.table import Table
 from drpo_core.errors import ComponentError
 from drpo_core.jsonl import read_jsonl
 from drpo_core.noise import sample_noise
+from drpo_core.sources import check_scores
+from drpo_core.worker import WorkerLost
 
 if TYPE_CHECKING:
     from drpo_core.config import EvalConfig
@@ -47,6 +55,10 @@ EVAL_BATCH = 64
 GRID_SEEDS = 8
 
 Rankers = Sequence[tuple[str, "Ranker"]]
+
+
+class EvaluationError(ComponentError):
+    """A ranker failed during an evaluation (it raised, or its output is not one score per image)."""
 
 
 @dataclass
@@ -169,8 +181,10 @@ class Evaluator:
         record: dict[str, Any] = {"samples": len(prompts) * n_seeds}
         sample_records = [r for r in prompts for _ in seeds]
         for name, ranker in rankers:
-            record[f"score/{name}"] = float(now[name].mean())
-            record[f"base_score/{name}"] = float(self.base.scores[name].mean())
+            for prefix, values in (("", now[name]), ("base_", self.base.scores[name])):
+                record[f"{prefix}score/{name}"] = _finite_mean(values)
+                if not values.isfinite().all():
+                    record[f"{prefix}nonfinite/{name}"] = int((~values.isfinite()).sum())
             for key, base_value, value in _group_means(ranker, sample_records, self.base.scores[name], now[name]):
                 record[f"score/{name}/{key}"] = value
                 record[f"base_score/{name}/{key}"] = base_value
@@ -259,12 +273,20 @@ class Evaluator:
         table = Table("held-out metric", "base", "finetuned", "change", title=f"evaluation ({record['samples']} samples)")
         for key, value in record.items():
             if key.startswith("score/"):
-                base = record[f"base_{key}"]
-                table.add_row(key.removeprefix("score/"), f"{base:.4f}", f"{value:.4f}", f"{value - base:+.4f}")
+                name, base = key.removeprefix("score/"), record[f"base_{key}"]
+                change = f"{value - base:+.4f}" if math.isfinite(value - base) else "n/a"
+                table.add_row(name, _mean_text(base, record.get(f"base_nonfinite/{name}")),
+                              _mean_text(value, record.get(f"nonfinite/{name}")), change)
         table.add_row("diversity (ratio to base)", "1.0000", f"{record['diversity_ratio']:.4f}", "")
         table.add_row("pixel RMS to base", "0", f"{record['pixel_rms_to_base']:.4f}", "")
         table.add_row("feature distance to base", "0", f"{record['feature_distance_to_base']:.4f}", "")
         self.console.print(table)
+
+
+def _mean_text(mean: float, nonfinite: int | None) -> str:
+    """A table cell: the mean of the finite scores, and how many were not finite."""
+    text = f"{mean:.4f}" if math.isfinite(mean) else "n/a"
+    return f"{text} ({nonfinite} non-finite)" if nonfinite else text
 
 
 def _prompt_groups(n_prompts: int, n_seeds: int) -> Iterator[list[int]]:
@@ -283,10 +305,23 @@ def _chunks(samples: list[tuple[int, int]]) -> Iterator[list[tuple[int, int]]]:
 
 def _score(name: str, ranker: Any, images: torch.Tensor, prompts: list[str],
            metadata: list[Any]) -> torch.Tensor:
-    scores = torch.as_tensor(ranker.score(images, prompts, metadata), dtype=torch.float32).detach().cpu()
-    if scores.numel() != len(images):
-        raise ComponentError(f"ranker {name!r} returned {scores.numel()} scores for {len(images)} images")
-    return scores.reshape(-1)
+    """One float32 score per image (float64 on the way: float32 values come back exactly), or one line."""
+    try:
+        return check_scores(ranker.score(images, prompts, metadata), len(images), name).float()
+    except WorkerLost:  # a ranker past its deadline: the trainer checkpoints and stops
+        raise
+    except ComponentError as error:
+        raise EvaluationError(str(error)) from None
+    except Exception as error:
+        lines = str(error).strip().splitlines()
+        raise EvaluationError(f"ranker {name!r} raised {type(error).__name__}"
+                              + (f": {lines[0]}" if lines else "")) from error
+
+
+def _finite_mean(values: torch.Tensor) -> float:
+    """The mean of the finite values (NaN when there are none)."""
+    finite = values[values.isfinite()]
+    return float(finite.mean()) if finite.numel() else float("nan")
 
 
 def _diversity_sums(features: torch.Tensor, n_prompts: int) -> torch.Tensor:
@@ -309,10 +344,9 @@ def _group_means(ranker: Any, records: Sequence[PromptRecord], base: torch.Tenso
     for i, record in enumerate(records):
         for group in ranker.groups(record):
             groups.setdefault(group, []).append(i)
-    base_values, values = base.tolist(), now.tolist()
     for group, members in sorted(groups.items()):
-        yield (group, float(np.mean([base_values[i] for i in members])),
-               float(np.mean([values[i] for i in members])))
+        index = torch.tensor(members)
+        yield group, _finite_mean(base[index].double()), _finite_mean(now[index].double())
 
 
 @contextmanager

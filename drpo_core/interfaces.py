@@ -107,6 +107,10 @@ class Ranker(ABC):
     ``score`` is called under ``torch.no_grad()``. Scores may be any float dtype; the loop keeps
     them in float64 until the order is taken, so compute the final logits in float32 or better
     even on a bf16 backbone (in bf16, PickScore x100 near 22 moves in steps of 0.125: ties everywhere).
+
+    Failures: NaN for an image that could not be scored skips its prompt; an exception (or output that
+    is not scores, such as ``None``) skips the batch's prompts; both count against ``train.max_failures``.
+    A wrong number of scores stops the run. A ranker that may hang gets ``timeout`` in its config section.
     """
 
     api_version: ClassVar[int] = API_VERSION

@@ -339,16 +339,26 @@ class DataSource(_Stateless):
         return Anchors(positives, empty, torch.ones(len(batch.records), dtype=torch.bool))
 
 
+class InvalidScores(ComponentError):
+    """A ranker returned something that is not scores (``None``, text, ...). The loop skips the prompts
+    it was asked to score, as when a ranker raises, and counts them against the failure budget; a
+    wrong *number* of scores stays a plain ``ComponentError`` that stops the run."""
+
+
 def check_scores(scores: Any, expected: int, name: str) -> torch.Tensor:
     """A ranker's output as a float64 CPU tensor of ``expected`` values, or one clear error.
 
     float64 keeps the ranker's precision until the order is taken: float32, bf16 and fp16 tensors and
-    lists of Python floats convert to it exactly.
+    lists of Python floats convert to it exactly. Raises :class:`InvalidScores` for output that is not
+    numbers and ``ComponentError`` for a wrong count.
     """
+    if scores is None:
+        raise InvalidScores(f"ranker {name!r} returned None, not scores")
     try:
         scores = torch.as_tensor(scores, dtype=torch.float64).detach().cpu().flatten()
-    except (TypeError, ValueError) as error:
-        raise ComponentError(f"ranker {name!r} returned scores that are not numbers: {error}") from None
+    except (TypeError, ValueError, RuntimeError) as error:
+        raise InvalidScores(f"ranker {name!r} returned scores that are not numbers "
+                            f"({type(scores).__name__}: {error})") from None
     if scores.numel() != expected:
         raise ComponentError(f"ranker {name!r} returned {scores.numel()} scores for {expected} images")
     return scores

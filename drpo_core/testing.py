@@ -18,17 +18,24 @@ Use them from a test suite with ``pytest_plugins = ["drpo_core.testing"]``:
       @pytest.mark.parametrize("name, builder", feature_space_cases({"my-space": build_case}))
       def test_contract(request, name, builder):
           check_feature_space_case(request, name, builder)
+* ``slow_plugin``: registers the ranker ``tiny-slow`` (``SlowRanker``: brightness that hangs), for
+  deadline and Ctrl-C tests: ``make_registry(slow_plugin)``, ``rankers: [{name: tiny-slow, seconds: 60,
+  timeout: 2}]``.
 
 The fakes register under the names ``tiny`` (generator), ``tiny-brightness`` and ``tiny-broken``
-(rankers), ``tiny-pixels`` (feature space) and ``tiny-laplacian`` (kernel). This module imports no
-built-in plugin, so a plugin's tests can run a training loop with it alone.
+(rankers), ``tiny-pixels`` (feature space) and ``tiny-laplacian`` (kernel). The rankers' factories are
+module-level functions, so they also run in a worker process (a ranker section with ``timeout``).
+This module imports no built-in plugin, so a plugin's tests can run a training loop with it alone.
 """
 
 from __future__ import annotations
 
 import copy
 import hashlib
+import signal
+import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from pathlib import Path
 from typing import Any, Literal
 
 import pytest
@@ -36,6 +43,7 @@ import torch
 from pydantic import BaseModel, ConfigDict
 
 from drpo_core.checkpoint import check_state_fits
+from drpo_core.context import BuildContext
 from drpo_core.hookspecs import Register, hookimpl
 from drpo_core.interfaces import FeatureContext, FeatureSpace, Generator, Kernel, Ranker
 from drpo_core.registry import Registry, get_registry, registry_from, set_registry
@@ -121,6 +129,34 @@ class BrokenRanker(Ranker):
         return torch.full((len(images),), float("nan"))
 
 
+class SlowRanker(BrightnessRanker):
+    """Brightness, after answering ``after`` calls at once, sleeping ``seconds`` in every later call (a hang).
+
+    ``signal_file``: created when a sleep starts (tests time deadlines from it). ``block_signals``: SIGINT
+    and SIGTERM are blocked in the sleeping thread, as in C code that never returns to Python.
+    """
+
+    def __init__(self, seconds: float, after: int = 0, signal_file: str | None = None, block_signals: bool = False):
+        self.seconds, self.after, self.signal_file, self.block_signals = seconds, after, signal_file, block_signals
+        self.calls = 0
+
+    def score(self, images: torch.Tensor, prompts: Sequence[str],
+              metadata: Sequence[Mapping[str, Any] | None]) -> torch.Tensor:
+        self.calls += 1
+        if self.calls > self.after:
+            if self.signal_file:
+                Path(self.signal_file).touch()
+            if not self.block_signals:
+                time.sleep(self.seconds)
+            else:
+                previous = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+                try:
+                    time.sleep(self.seconds)
+                finally:
+                    signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+        return super().score(images, prompts, metadata)
+
+
 class PixelFeatures(FeatureSpace):
     """Channel means (one particle) and 2x2-pooled pixels (one particle per cell)."""
 
@@ -147,6 +183,27 @@ class BrokenOptions(BaseModel):
     mode: Literal["nan", "wrong-count", "raise"] = "nan"
 
 
+class SlowOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    seconds: float = 1.0
+    after: int = 0
+    signal_file: str | None = None
+    block_signals: bool = False
+
+
+# module-level factories: a ranker with a timeout is built in a worker process, which imports them by name
+def _brightness_ranker(options: Any, context: BuildContext) -> BrightnessRanker:
+    return BrightnessRanker()
+
+
+def _broken_ranker(options: BrokenOptions, context: BuildContext) -> BrokenRanker:
+    return BrokenRanker(options.mode)
+
+
+def _slow_ranker(options: SlowOptions, context: BuildContext) -> SlowRanker:
+    return SlowRanker(options.seconds, options.after, options.signal_file, options.block_signals)
+
+
 class _FakesPlugin:
     """The fakes, registered through the same hooks as any plugin."""
 
@@ -157,8 +214,8 @@ class _FakesPlugin:
 
     @hookimpl
     def drpo_register_rankers(self, register: Register[Ranker]) -> None:
-        register("tiny-brightness", lambda o, c: BrightnessRanker(), summary="mean pixel value")
-        register("tiny-broken", lambda o, c: BrokenRanker(o.mode), options=BrokenOptions)
+        register("tiny-brightness", _brightness_ranker, summary="mean pixel value")
+        register("tiny-broken", _broken_ranker, options=BrokenOptions)
 
     @hookimpl
     def drpo_register_features(self, register: Register[FeatureSpace]) -> None:
@@ -171,6 +228,17 @@ class _FakesPlugin:
 
 
 fakes_plugin = _FakesPlugin()
+
+
+class _SlowPlugin:
+    """``tiny-slow``, apart from the fakes: a ranker that hangs is for deadline tests only."""
+
+    @hookimpl
+    def drpo_register_rankers(self, register: Register[Ranker]) -> None:
+        register("tiny-slow", _slow_ranker, options=SlowOptions, summary="mean pixel value, slowly (a hang)")
+
+
+slow_plugin = _SlowPlugin()
 
 
 def make_registry(*plugins: object) -> Registry:

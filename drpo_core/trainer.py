@@ -24,15 +24,13 @@ import json
 import math
 import os
 import platform
-import signal
 import subprocess
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from types import FrameType
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -43,13 +41,14 @@ if TYPE_CHECKING:
 
 from drpo_core import checkpoint as ckpt
 from drpo_core.checkpoint import assign_parameters, split_trainable
-from drpo_core.config import ResolvedConfig, resolve_path
+from drpo_core.config import RankerConfig, ResolvedConfig, resolve_path
 from drpo_core.context import BuildContext
 from drpo_core.drift import DriftEstimator
 from drpo_core.errors import ComponentError, ConfigError, DrpoError
-from drpo_core.evaluation import Evaluator
+from drpo_core.evaluation import EvaluationError, Evaluator
 from drpo_core.interfaces import FeatureContext
-from drpo_core.metrics import MetricsLog, StepTimer
+from drpo_core.interrupts import StopSignals
+from drpo_core.metrics import MetricsLog, StepTimer, read_metrics
 from drpo_core.noise import make_noise
 from drpo_core.preflight import check_run
 from drpo_core.prompts import PromptRecord, PromptStream
@@ -61,12 +60,14 @@ from drpo_core.sources import (
     DataSource,
     DriftSource,
     ImageFolderSampler,
+    InvalidScores,
     OfflineSource,
     OnlineSource,
     check_scores,
     summarise_skips,
 )
 from drpo_core.tracking import Trackers
+from drpo_core.worker import WorkerLost, ranker_in_worker
 
 
 @dataclass
@@ -122,6 +123,8 @@ class Trainer:
         self.k = self.cfg.selection.candidates
         self._shuffle_rng = torch.Generator().manual_seed(self.cfg.seed)  # selection.shuffle_scores only
         self._last_failure = ""  # the latest failed prompt's reason, for the stop message
+        self._failures: Counter[str] = Counter()  # this micro-batch's failed prompts by reason (score())
+        self._step = 0  # completed steps, for the messages of a stopped run
         # every random draw a component makes while it is built (LoRA's initial A matrices, say) follows the run seed
         set_seed(self.cfg.seed)
         self._build_components()
@@ -143,9 +146,8 @@ class Trainer:
         if cfg.train.gradient_checkpointing:
             self.generator.enable_gradient_checkpointing()
         self.features = build("feature", cfg.features.name, "features").to(self.device)
-        self.rankers = [(r.name, build("ranker", r.name, f"rankers.{i}"), r.weight)
-                        for i, r in enumerate(cfg.rankers)]
         self._context = context  # the secondary rankers (eval.rankers) are built by each evaluation
+        self.rankers = [(r.name, self._build_ranker(r, f"rankers.{i}"), r.weight) for i, r in enumerate(cfg.rankers)]
         kernel = build("kernel", cfg.kernel.name, "kernel")
         drift = cfg.drift
         self.estimator = DriftEstimator(
@@ -165,11 +167,17 @@ class Trainer:
         self.optimizer, self.scheduler = self.accelerator.prepare(optimizer, scheduler)
         self.ema = [p.detach().clone() for p in params] if cfg.train.ema_decay else None
 
+    def _build_ranker(self, section: RankerConfig, where: str) -> Any:
+        """A ranker in this process; with ``timeout`` set, in a worker process that is ended when a call
+        passes it (drpo_core/worker.py)."""
+        options = self.resolved.options.get(where, {})
+        if section.timeout is None:
+            return self.registry.build("ranker", section.name, options, self._context, where)
+        return ranker_in_worker(self.registry, section.name, options, self._context, where=where,
+                                timeout=section.timeout)
+
     def _build_eval_rankers(self) -> list[tuple[str, Any]]:
-        options = self.resolved.options
-        return [(r.name, self.registry.build("ranker", r.name, options.get(f"eval.rankers.{i}", {}), self._context,
-                                             f"eval.rankers.{i}"))
-                for i, r in enumerate(self.cfg.eval.rankers)]
+        return [(r.name, self._build_ranker(r, f"eval.rankers.{i}")) for i, r in enumerate(self.cfg.eval.rankers)]
 
     def _build_source(self, data_sampler: DataSampler | None) -> DriftSource:
         cfg = self.cfg
@@ -285,17 +293,23 @@ class Trainer:
         with torch.no_grad():
             images = self.generator.decode(latents).float().clamp(0, 1)
         per_ranker = []
+        unexplained = torch.ones(len(records), dtype=torch.bool)  # prompts not yet counted as failed
         for name, ranker, _ in self.rankers:
             try:
                 with torch.no_grad():  # a ranker is a black box, never part of the graph
                     raw = ranker.score(images, prompts, metadata)
-            except (ComponentError, DrpoError):
+                scores = check_scores(raw, len(prompts), name).reshape(len(records), k)
+            except InvalidScores as error:  # None, text, ...: this batch went wrong, as when it raises
+                raise _Failure(str(error)) from None
+            except (ComponentError, DrpoError):  # a wrong count, a lost worker: stop
                 raise
             except Exception as error:
-                raise _Failure(f"ranker {name!r} raised {type(error).__name__}: {error}") from error
-            scores = check_scores(raw, len(prompts), name).reshape(len(records), k)
-            if not scores.isfinite().all():
+                raise _Failure(f"ranker {name!r} raised {type(error).__name__}: {_first_line(error)}") from error
+            failed = ~scores.isfinite().all(dim=1) & unexplained  # each failed prompt counted once
+            if failed.any():
                 self._last_failure = f"ranker {name!r} returned non-finite scores"
+                self._failures[self._last_failure] += int(failed.sum())
+                unexplained &= ~failed
             per_ranker.append(scores)
         shuffle = self._shuffle_rng if self.cfg.selection.shuffle_scores else None
         return rank_candidates(per_ranker, [w for _, _, w in self.rankers], method=self.cfg.selection.combine,
@@ -305,6 +319,7 @@ class Trainer:
         """Anchors, targets and backward for one micro-batch; returns its metrics."""
         indices, records = [i for i, _ in batch], [r for _, r in batch]
         k, gen, timer = self.k, self.generator, self.timer
+        self._failures = Counter()  # reason -> prompts, noted by score()
         prompts = [r.text for r in records for _ in range(k)]
         noise = torch.cat([make_noise(gen.noise_shape, self.cfg.seed, i, range(k)) for i in indices]).to(self.device)
         # single pass: keep the graph from here to the loss instead of sampling again with grad (step 5)
@@ -319,6 +334,8 @@ class Trainer:
             anchors = self.source.anchors(candidates, k)
         keep = anchors.keep
         out: dict[str, Any] = {**summarise_skips(anchors.skips), **anchors.stats, "prompts": len(records)}
+        if self._failures:
+            out.update(failure=self._last_failure, failures=dict(self._failures))
         if not keep.any():
             self._zero_backward()
             return out
@@ -391,52 +408,81 @@ class Trainer:
                                  config=self.resolved.to_dict(), enabled=self.accelerator.is_main_process)
         self._write_run_info(resumed=bool(resume))
         self.metrics = MetricsLog(self.run_dir / "metrics.jsonl", resume_lines=self._metrics_lines)
+        self.skips = _Skips()
+        for earlier in read_metrics(self.metrics.path) if resume else []:  # the run's skips before the resume
+            self.skips.add(earlier)
         self.timer = StepTimer()
         self.evaluator = Evaluator(self.generator, self.featurise, [(n, r) for n, r, _ in self.rankers],
                                    self._build_eval_rankers, self.eval_prompts, cfg.eval, self.run_dir,
                                    self.console, self.accelerator.autocast)
         failures: deque[int] = deque(maxlen=cfg.train.failure_window)
-        self._stop_signal: str | None = None
-        previous = {sig: signal.signal(sig, self._on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
-        if start_step == 0:
-            self.evaluator.run(0, self._log_eval)
-        step = start_step
-        try:
-            with self._progress() as progress:
-                task = progress.add_task("drpo", total=cfg.train.steps, completed=step, metrics="")
-                while step < cfg.train.steps and self._stop_signal is None:
-                    record = self._train_step(step, failures)
-                    step += 1
-                    record["step"] = step
-                    self.metrics.write(record)
-                    self.trackers.log(record, "train")
-                    progress.update(task, completed=step, metrics=_progress_text(record))
-                    if cfg.eval.every and step % cfg.eval.every == 0 and step < cfg.train.steps:
-                        with self.ema_weights():
-                            verdict = self.evaluator.run(step, self._log_eval)
-                        if verdict == "stop":
-                            break
-                    if step % cfg.checkpoint.every == 0:
-                        self.save(step)
-        except BaseException:
-            self.trackers.close()  # what they hold is flushed; wandb marks its run finished
-            raise
+        step = self._step = start_step
+        # the first SIGINT/SIGTERM stops after the step (and checkpoints), the second at once (interrupts.py)
+        try:  # the trackers flush what they hold, whatever ends the run (wandb marks its run finished)
+            with StopSignals(self._abort_message) as signals:
+                if start_step == 0:
+                    self._evaluate(0)
+                with self._progress() as progress:
+                    task = progress.add_task("drpo", total=cfg.train.steps, completed=step, metrics="")
+                    while step < cfg.train.steps and signals.requested is None:
+                        start = self._step_start()
+                        try:
+                            record = self._train_step(step, failures)
+                        except WorkerLost as error:  # a ranker passed its deadline: keep what was complete
+                            path = self.save(step, start)
+                            raise ComponentError(f"{error}; {self._saved(path, step)}") from None
+                        step = self._step = step + 1
+                        record["step"] = step
+                        self.metrics.write(record)
+                        self.trackers.log(record, "train")
+                        self.skips.add(record)
+                        progress.update(task, completed=step, metrics=_progress_text(record, self.skips))
+                        if cfg.eval.every and step % cfg.eval.every == 0 and step < cfg.train.steps:
+                            if self._evaluate(step) == "stop":
+                                break
+                        if step % cfg.checkpoint.every == 0:
+                            self.save(step)
+                path = self.save(step)
+            if self.skips.total:
+                self.console.print(self.skips.summary())
+            if signals.requested is not None:
+                self.console.print(f"stopped by {signals.requested} at step {step}; resume with "
+                                   f"`drpo train --resume latest --output-dir {self.run_dir}`")
+                self._finish_run_info(step, {})
+                return {"step": step, "stopped": signals.requested}
+            try:
+                summary = self._evaluate(step, final=True)
+            except Exception as error:  # the weights are saved: one line, and how to redo it
+                self._finish_run_info(step, {})
+                reason = str(error) if isinstance(error, DrpoError) else f"{type(error).__name__}: {_first_line(error)}"
+                raise DrpoError(f"the final evaluation failed: {reason}; the trained weights are saved "
+                                f"({self._checkpoint_name(path)}): redo the evaluation with "
+                                f"`drpo train --resume latest --output-dir {self.run_dir}`") from error
+            self.accelerator.end_training()
+            self._finish_run_info(step, summary or {})
+            return {"step": step, **(summary or {})}
         finally:
-            for sig, handler in previous.items():
-                signal.signal(sig, handler)
-        self.save(step)
-        if self._stop_signal is not None:
-            self.console.print(f"stopped by {self._stop_signal} at step {step}; resume with "
-                               f"`drpo train --resume latest --output-dir {self.run_dir}`")
-            self._finish_run_info(step, {})
             self.trackers.close()
-            return {"step": step, "stopped": self._stop_signal}
-        with self.ema_weights():
-            summary = self.evaluator.run(step, self._log_eval, final=True)
-        self.accelerator.end_training()
-        self.trackers.close()
-        self._finish_run_info(step, summary or {})
-        return {"step": step, **(summary or {})}
+
+    def _evaluate(self, step: int, final: bool = False) -> Any:
+        """One evaluation (with the EMA weights). A ranker that fails it: before training, one line
+        (nothing trained yet); in between, a warning and training goes on; a lost worker (a ranker past
+        its deadline) stops the run with a checkpoint. The final one raises (``train`` reports it)."""
+        try:
+            with self.ema_weights():
+                return self.evaluator.run(step, self._log_eval, final=final)
+        except WorkerLost as error:
+            if final or step == 0:
+                raise
+            raise ComponentError(f"{error}; {self._saved(self.save(step), step)}") from None
+        except EvaluationError as error:
+            if final:
+                raise
+            if step == 0:
+                raise DrpoError(f"the evaluation before training failed: {error}; nothing was trained "
+                                "(prompts.eval_count: 0 turns evaluation off)") from None
+            self.console.print(f"the evaluation at step {step} failed: {error}; training goes on")
+            return None
 
     def _train_step(self, step: int, failures: deque[int]) -> dict[str, Any]:
         cfg = self.cfg
@@ -449,24 +495,76 @@ class Trainer:
                 out = self.micro_step(step, batch, 1.0 / cfg.train.grad_accum)
             except _Failure as failure:
                 self._zero_backward()
-                out = {"skip_failure": len(batch), "failure": str(failure)}
                 self._last_failure = str(failure)
+                out = {"skip_failure": len(batch), "prompts": len(batch), "failure": str(failure),
+                       "failures": {str(failure): len(batch)}}
             _accumulate(record, out, cfg.train.grad_accum)
+        scaler = getattr(self.accelerator, "scaler", None)  # fp16 loss scaling (CUDA)
+        with self.timer("optimizer"):
+            params = self.generator.trainable_parameters()
+            grad_norm = float(self.accelerator.clip_grad_norm_(params, cfg.train.max_grad_norm))
+            problem = _update_problem(grad_norm, [group["lr"] for group in self.optimizer.param_groups],
+                                      scaled=scaler is not None)
+        if math.isfinite(grad_norm):
+            record["grad_norm"] = grad_norm
+        if problem is not None:  # the step is not applied: the prompts it would have trained on count as failed
+            lost = max(0, record.get("prompts", 0) - sum(v for k, v in record.items() if k.startswith("skip_")))
+            _accumulate(record, {"skip_failure": lost, "failure": problem, "failures": {problem: lost},
+                                 "update": "skipped"}, 1)
+            self._last_failure = problem
         failures.append(int(record.get("skip_failure", 0)))
         if sum(failures) > cfg.train.max_failures:
             raise ComponentError(
                 f"{sum(failures)} prompts failed in the last {len(failures)} steps "
-                f"(limit train.max_failures={cfg.train.max_failures}); last: {self._last_failure}"
+                f"(limit train.max_failures={cfg.train.max_failures}); last: {self._last_failure}; "
+                f"{self._checkpoint_name(None)}"
             )
         record["lr"] = self.scheduler.get_last_lr()[0]  # the rate this step's update uses
         with self.timer("optimizer"):
-            params = self.generator.trainable_parameters()
-            record["grad_norm"] = float(self.accelerator.clip_grad_norm_(params, cfg.train.max_grad_norm))
-            self.optimizer.step()
-            self.scheduler.step()
-            self._update_ema()
+            if problem is None:
+                self._apply_update(params, step, grad_norm)
+                if getattr(self.optimizer, "step_was_skipped", False):  # the GradScaler found inf/NaN gradients
+                    self._check_overflows(record, scaler, step)
+                else:
+                    self._overflows = 0
+                    self._update_ema()
+            self.scheduler.step()  # the schedule follows the step count, applied or not
         record["time"] = self.timer.split()
         return record
+
+    _overflows = 0  # consecutive steps the fp16 GradScaler skipped
+
+    def _check_overflows(self, record: dict[str, Any], scaler: Any, step: int) -> None:
+        """fp16: overflowing gradients are how the GradScaler finds its scale; it skips such a step and lowers
+        the scale, so they are not failed prompts. A whole ``train.failure_window`` of them is: stop."""
+        self._overflows += 1
+        scale = float(scaler.get_scale()) if scaler is not None else float("nan")
+        record["update"] = f"skipped by the fp16 GradScaler (gradients not finite; loss scale now {scale:g})"
+        if self._overflows >= self.cfg.train.failure_window:
+            raise ComponentError(f"the gradients were not finite in the last {self._overflows} steps (train."
+                                 f"failure_window) although the fp16 loss scale came down to {scale:g}; last "
+                                 f"failure: {self._last_failure or 'none'}; {self._checkpoint_name(None)}")
+
+    def _apply_update(self, params: Sequence[torch.Tensor], step: int, grad_norm: float) -> None:
+        """The optimizer step, then the one case the checks before it do not cover (``_update_problem``): an
+        overflow. One fused reduction over the weights, no copy: their total L2 norm is finite unless a weight
+        is not (or the squares overflow, beyond ~1e19: then a per-tensor check decides). Weights that are lost
+        cannot be restored without a snapshot, so the run stops here and they are never saved. (PyTorch's
+        per-tensor AdamW raises instead when lr / (1 - beta1) itself overflows: the same stop.)"""
+        def stop() -> str:
+            return (f"step {step + 1} made the weights non-finite (an overflow: lr {self.optimizer.param_groups[0]['lr']:g}, "
+                    f"gradient norm {grad_norm:.3g}); they were not saved: {self._checkpoint_name(None)}")
+
+        try:
+            self.optimizer.step()
+        except RuntimeError as error:
+            if "overflow" not in str(error):
+                raise
+            raise ComponentError(f"{stop()} ({_first_line(error)})") from None
+        with torch.no_grad():  # (the max-abs norm would be exact, but is 40x slower on CPUs)
+            norm = float(torch.nn.utils.get_total_norm(params, norm_type=2.0, foreach=True))
+            if not math.isfinite(norm) and not all(bool(torch.isfinite(p).all()) for p in params):
+                raise ComponentError(stop())
 
     def _update_ema(self) -> None:
         decay = self.cfg.train.ema_decay
@@ -490,8 +588,28 @@ class Trainer:
         finally:
             assign_parameters(params, trained)
 
-    def _on_signal(self, signum: int, frame: FrameType | None) -> None:
-        self._stop_signal = signal.Signals(signum).name
+    def _step_start(self) -> _StepStart:
+        """What a checkpoint of the completed steps needs that a step changes before it can fail: the prompt
+        stream, the RNGs and the source's state (references; a source replaces its tensors, never edits them)."""
+        return _StepStart(self.stream.state_dict(), ckpt.capture_rng_state(), self.source.checkpoint_state())
+
+    def _checkpoint_name(self, path: Path | None) -> str:
+        """``path`` (or the run's latest checkpoint) as the user reads it."""
+        if path is None:
+            try:
+                path = ckpt.resolve_checkpoint(self.run_dir)
+            except DrpoError:
+                return "no checkpoint was written yet"
+        return f"the last checkpoint is {path}"
+
+    def _saved(self, path: Path | None, step: int) -> str:
+        return (f"{self._checkpoint_name(path)} ({step} completed steps): resume with "
+                f"`drpo train --resume latest --output-dir {self.run_dir}`")
+
+    def _abort_message(self, name: str) -> str:
+        """The one line of a second SIGINT/SIGTERM (``RunAborted``; the watchdog prints it too)."""
+        return (f"aborted by a second {name} after {self._step} completed steps: the unfinished step was not "
+                f"written; {self._checkpoint_name(None)}")
 
     def _progress(self) -> Progress:
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -507,20 +625,22 @@ class Trainer:
 
     # -- checkpoints -------------------------------------------------------------------------
 
-    def save(self, step: int) -> Path | None:
+    def save(self, step: int, start: _StepStart | None = None) -> Path | None:
+        """Checkpoint ``step`` completed steps; ``start``: the state taken at the start of the next step, which
+        failed part way (its prompts were drawn, its RNGs advanced; weights and optimizer are untouched)."""
         if not self.accelerator.is_main_process:  # one writer; every process holds the same weights
             return None
         trainable = dict(self.generator.trainable_state_dict())
         if self.ema is not None:
             trainable.update({f"ema.{i}": t for i, t in enumerate(self.ema)})
-        source_tensors, source_values = self.source.checkpoint_state()
+        source_tensors, source_values = self.source.checkpoint_state() if start is None else start.source
         trainable.update(source_tensors)
-        state = {"step": step, "prompts": self.stream.state_dict(), "metrics_lines": self.metrics.line_count,
-                 **source_values}
+        prompts = self.stream.state_dict() if start is None else start.prompts
+        state = {"step": step, "prompts": prompts, "metrics_lines": self.metrics.line_count, **source_values}
         return ckpt.save_checkpoint(
             self.run_dir, step, trainable=trainable, optimizer_state=self.optimizer.state_dict(),
             scheduler_state=self.scheduler.state_dict(), state=state, config_text=self.resolved.to_yaml(),
-            keep_last=self.cfg.checkpoint.keep_last,
+            keep_last=self.cfg.checkpoint.keep_last, rng_state=None if start is None else start.rng,
         )
 
     _metrics_lines: int | None = None
@@ -613,10 +733,86 @@ class _Failure(Exception):
     """A prompt could not be used (non-finite scores or features, a ranker error)."""
 
 
+@dataclass
+class _StepStart:
+    """The state a step changes before it can fail (``Trainer._step_start``)."""
+
+    prompts: dict[str, Any]
+    rng: dict[str, Any]
+    source: tuple[dict[str, torch.Tensor], dict[str, Any]]
+
+
+# The non-finite guard. Weights must never become NaN or infinite, and the guard must not copy them
+# (full fine-tuning of an SDXL UNet holds 2.6e9 of them), so it checks what goes into the update
+# rather than keeping a snapshot to roll back to:
+# * before the update, for free: the total gradient norm that clip_grad_norm_ computes anyway (and
+#   that the loop already reads back) is finite, and so is every learning rate. Then the step is
+#   applied; otherwise it is skipped (the optimizer and the EMA untouched, the schedule advancing),
+#   its prompts count as failed against train.max_failures, and metrics.jsonl says why.
+# * with finite, clipped gradients and a finite lr, AdamW's update is finite except for an overflow:
+#   |m / (sqrt(v) + eps)| <= max_grad_norm / eps, so only lr * max_grad_norm / eps near 3e38 (or
+#   weights near it) overflows. That case cannot be undone without a snapshot, so after the update
+#   one fused norm of the weights (one read of each, no copy; AdamW itself makes seven passes)
+#   detects it and the run stops at once, never saving those weights.
+# * fp16 loss scaling: the GradScaler skips overflowing steps itself and lowers its scale (only a step
+#   through it does), so non-finite gradients go to it; a failure_window of such steps stops the run.
+# * checkpoint.save_checkpoint refuses non-finite tensors in any case.
+def _update_problem(grad_norm: float, lrs: Sequence[float], scaled: bool = False) -> str | None:
+    """Why the update must not be applied (non-finite gradients or learning rate), or None. ``scaled``:
+    fp16 loss scaling, whose GradScaler skips steps with non-finite gradients itself (and lowers its scale,
+    which only a step through it does), so they go to the optimizer (``Trainer._check_overflows``)."""
+    if not math.isfinite(grad_norm) and not scaled:
+        return f"gradients are not finite (norm {grad_norm}): the update was skipped"
+    if not all(math.isfinite(lr) for lr in lrs):
+        return f"the learning rate is not finite ({lrs[0]}): the update was skipped"
+    return None
+
+
+class _Skips:
+    """The run's skipped prompts by reason, and the failures by their text, from the step records."""
+
+    def __init__(self) -> None:
+        self.prompts = 0
+        self.reasons: Counter[str] = Counter()
+        self.failures: Counter[str] = Counter()
+
+    def add(self, record: dict[str, Any]) -> None:
+        self.prompts += int(record.get("prompts", 0))
+        for key, value in record.items():
+            if key.startswith("skip_") and value:
+                self.reasons[key.removeprefix("skip_")] += int(value)
+        self.failures.update(record.get("failures") or {})
+
+    @property
+    def total(self) -> int:
+        return sum(self.reasons.values())
+
+    def summary(self) -> str:
+        """``skipped 12 of 80 prompts: 9 tied, 3 failure (ranker 'x' returned non-finite scores)``."""
+        parts = []
+        for reason, count in self.reasons.most_common():
+            if reason == "failure" and self.failures:
+                texts = self.failures.most_common()
+                why = texts[0][0] if len(texts) == 1 else ", ".join(f"{n} {text}" for text, n in texts)
+                parts.append(f"{count} failure ({why})")
+            else:
+                parts.append(f"{count} {reason}")
+        return f"skipped {self.total} of {self.prompts} prompts: {', '.join(parts)}"
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
+
+
 def _accumulate(record: dict[str, Any], out: dict[str, Any], n: int) -> None:
     for key, value in out.items():
         if key.startswith("skip_") or key == "prompts":
             record[key] = record.get(key, 0) + value
+        elif key == "failures":  # reason -> failed prompts, over the micro-batches
+            merged = Counter(record.get(key, {}))
+            merged.update(value)
+            record[key] = dict(merged)
         elif isinstance(value, float):
             record[key] = record.get(key, 0.0) + value / n
         else:
@@ -635,9 +831,11 @@ def _key_summary(keys: Sequence[str], limit: int = 16) -> str:
     return ", ".join(names[:limit]) + (f", ... ({len(names)} in all)" if len(names) > limit else "")
 
 
-def _progress_text(record: dict[str, Any]) -> str:
+def _progress_text(record: dict[str, Any], skips: _Skips | None = None) -> str:
     parts = [f"{key} {record[key]:.3g}" for key in ("loss_pref", "loss_ref", "score_mean", "accuracy")
              if isinstance(record.get(key), float)]
+    if skips is not None and skips.total:
+        parts.append(f"skipped {skips.total} ({', '.join(f'{n} {r}' for r, n in skips.reasons.most_common())})")
     return "  ".join(parts)
 
 

@@ -15,7 +15,7 @@ from rich.console import Console
 
 import drpo_core.evaluation as evaluation
 from drpo_core.config import EvalConfig, resolve_config
-from drpo_core.evaluation import Evaluator
+from drpo_core.evaluation import EvaluationError, Evaluator
 from drpo_core.hookspecs import hookimpl
 from drpo_core.noise import sample_noise
 from drpo_core.prompts import PromptRecord
@@ -217,7 +217,7 @@ def test_evaluation_frees_the_secondary_rankers_when_it_fails(tmp_path):
 
     evaluator = Evaluator(TinyGenerator(), _featurise, [("failing", Failing())], build, PROMPTS,
                           EvalConfig(seeds="0-1"), tmp_path)
-    with pytest.raises(RuntimeError, match="scorer crashed"):
+    with pytest.raises(EvaluationError, match="ranker 'failing' raised RuntimeError: scorer crashed"):
         evaluator.run(0, lambda record: None)
     gc.collect()
     assert len(built) == 1 and built[0]() is None

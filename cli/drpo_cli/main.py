@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Annotated, Any
@@ -12,14 +13,15 @@ from rich.console import Console
 from rich.table import Table
 from typer.core import TyperGroup
 
-from drpo_core.errors import DrpoError
+from drpo_core.errors import DrpoError, RunAborted
 
 console = Console()
 DEFAULT_RECIPE = Path(__file__).with_name("default.yaml")
 
 
 class _OneLineErrors(TyperGroup):
-    """Bad input becomes one line on stderr and exit code 2; ``--debug`` shows the traceback."""
+    """Bad input becomes one line on stderr and exit code 2; ``--debug`` shows the traceback. An abort
+    (a second Ctrl-C during a run, ``RunAborted``, or a Ctrl-C outside the loop) is one line and 130."""
 
     def invoke(self, ctx):
         try:
@@ -29,6 +31,15 @@ class _OneLineErrors(TyperGroup):
                 raise
             typer.echo(f"Error: {error}", err=True)
             raise typer.Exit(2) from None
+        except KeyboardInterrupt as error:
+            if ctx.meta.get("drpo.debug"):
+                raise
+            typer.echo(str(error) or "aborted", err=True)
+            if isinstance(error, RunAborted):  # at once: skip the interpreter's teardown (a second or more
+                sys.stdout.flush()  # after torch); files are flushed as written, checkpoints atomic
+                sys.stderr.flush()
+                os._exit(130)
+            raise typer.Exit(130) from None
 
 
 app = typer.Typer(cls=_OneLineErrors, no_args_is_help=True, add_completion=False,

@@ -7,7 +7,7 @@ learned reward; use ``--set rankers.0.invert=true`` to prefer the opposite.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from functools import partial
 
 from pydantic import BaseModel, ConfigDict
 
@@ -37,7 +37,8 @@ class StatisticOptions(BaseModel):
 @hookimpl
 def drpo_register_rankers(register: Register[Ranker]) -> None:
     for name in STATISTICS:
-        register(name, _factory(name), options=StatisticOptions, summary=f"image {name} (programmatic)")
+        # a partial of a module-level function pickles, so `timeout` can run the ranker in a worker process
+        register(name, partial(_build, name), options=StatisticOptions, summary=f"image {name} (programmatic)")
 
 
 @hookimpl
@@ -45,10 +46,7 @@ def drpo_register_assets(register: RegisterAsset) -> None:
     register("laion-aesthetic-mlp", **LAION_AESTHETIC_MLP)
 
 
-def _factory(name: str) -> Callable[[StatisticOptions, BuildContext], Ranker]:
-    def build(options: StatisticOptions, context: BuildContext) -> Ranker:
-        from drpo_image_rankers.rankers import StatisticRanker
+def _build(name: str, options: StatisticOptions, context: BuildContext) -> Ranker:
+    from drpo_image_rankers.rankers import StatisticRanker
 
-        return StatisticRanker(name, invert=options.invert)
-
-    return build
+    return StatisticRanker(name, invert=options.invert)
