@@ -25,3 +25,15 @@ class RunAborted(KeyboardInterrupt):
     """A second SIGINT or SIGTERM: the run stops at once, writing nothing half-done. The CLI prints
     ``str(error)`` as one line and exits with code 130. A ``KeyboardInterrupt``, so no ``except
     Exception`` on the way (a ranker guard, say) can swallow it."""
+
+
+def first_line(error: BaseException) -> str:
+    """The first line of an exception's message (its type name when it has none): for one-line errors."""
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
+
+
+def reason(error: BaseException) -> str:
+    """An exception as a short clause: its type and the first line of its message."""
+    text = str(error).strip()
+    return f"{type(error).__name__}: {text.splitlines()[0]}" if text else type(error).__name__

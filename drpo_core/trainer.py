@@ -44,7 +44,7 @@ from drpo_core.checkpoint import assign_parameters, split_trainable
 from drpo_core.config import RankerConfig, ResolvedConfig, resolve_path
 from drpo_core.context import BuildContext
 from drpo_core.drift import DriftEstimator
-from drpo_core.errors import ComponentError, ConfigError, DrpoError
+from drpo_core.errors import ComponentError, ConfigError, DrpoError, first_line, reason
 from drpo_core.evaluation import EvaluationError, Evaluator
 from drpo_core.interfaces import FeatureContext
 from drpo_core.interrupts import StopSignals
@@ -304,7 +304,7 @@ class Trainer:
             except (ComponentError, DrpoError):  # a wrong count, a lost worker: stop
                 raise
             except Exception as error:
-                raise _Failure(f"ranker {name!r} raised {type(error).__name__}: {_first_line(error)}") from error
+                raise _Failure(f"ranker {name!r} raised {type(error).__name__}: {first_line(error)}") from error
             failed = ~scores.isfinite().all(dim=1) & unexplained  # each failed prompt counted once
             if failed.any():
                 self._last_failure = f"ranker {name!r} returned non-finite scores"
@@ -454,7 +454,7 @@ class Trainer:
                 summary = self._evaluate(step, final=True)
             except Exception as error:  # the weights are saved: one line, and how to redo it
                 self._finish_run_info(step, {})
-                reason = str(error) if isinstance(error, DrpoError) else f"{type(error).__name__}: {_first_line(error)}"
+                reason = str(error) if isinstance(error, DrpoError) else f"{type(error).__name__}: {first_line(error)}"
                 raise DrpoError(f"the final evaluation failed: {reason}; the trained weights are saved "
                                 f"({self._checkpoint_name(path)}): redo the evaluation with "
                                 f"`drpo train --resume latest --output-dir {self.run_dir}`") from error
@@ -560,7 +560,7 @@ class Trainer:
         except RuntimeError as error:
             if "overflow" not in str(error):
                 raise
-            raise ComponentError(f"{stop()} ({_first_line(error)})") from None
+            raise ComponentError(f"{stop()} ({first_line(error)})") from None
         with torch.no_grad():  # (the max-abs norm would be exact, but is 40x slower on CPUs)
             norm = float(torch.nn.utils.get_total_norm(params, norm_type=2.0, foreach=True))
             if not math.isfinite(norm) and not all(bool(torch.isfinite(p).all()) for p in params):
@@ -673,13 +673,13 @@ class Trainer:
             try:
                 target.load_state_dict(state)
             except (KeyError, IndexError, TypeError, ValueError, RuntimeError) as error:
-                raise DrpoError(f"{path / name} does not fit this run's {name.split('.')[0]} ({_reason(error)})"
+                raise DrpoError(f"{path / name} does not fit this run's {name.split('.')[0]} ({reason(error)})"
                                 ) from None
         self.stream.load_state_dict(loaded.state["prompts"])
         try:
             ckpt.restore_rng_state(loaded.rng)
         except (KeyError, IndexError, TypeError, ValueError, RuntimeError) as error:
-            raise DrpoError(f"{path / 'rng.pt'}: not a random-number state drpo wrote ({_reason(error)})") from None
+            raise DrpoError(f"{path / 'rng.pt'}: not a random-number state drpo wrote ({reason(error)})") from None
         self._metrics_lines = loaded.state["metrics_lines"]
         self.console.print(f"resumed from {path} at step {loaded.step}")
         return loaded.step
@@ -790,19 +790,14 @@ class _Skips:
     def summary(self) -> str:
         """``skipped 12 of 80 prompts: 9 tied, 3 failure (ranker 'x' returned non-finite scores)``."""
         parts = []
-        for reason, count in self.reasons.most_common():
-            if reason == "failure" and self.failures:
+        for kind, count in self.reasons.most_common():
+            if kind == "failure" and self.failures:
                 texts = self.failures.most_common()
                 why = texts[0][0] if len(texts) == 1 else ", ".join(f"{n} {text}" for text, n in texts)
                 parts.append(f"{count} failure ({why})")
             else:
-                parts.append(f"{count} {reason}")
+                parts.append(f"{count} {kind}")
         return f"skipped {self.total} of {self.prompts} prompts: {', '.join(parts)}"
-
-
-def _first_line(error: BaseException) -> str:
-    text = str(error).strip()
-    return text.splitlines()[0] if text else type(error).__name__
 
 
 def _accumulate(record: dict[str, Any], out: dict[str, Any], n: int) -> None:
@@ -817,12 +812,6 @@ def _accumulate(record: dict[str, Any], out: dict[str, Any], n: int) -> None:
             record[key] = record.get(key, 0.0) + value / n
         else:
             record[key] = value
-
-
-def _reason(error: BaseException) -> str:
-    """An exception as a short clause: its type and the first line of its message."""
-    lines = str(error).strip().splitlines()
-    return f"{type(error).__name__}: {lines[0]}" if lines else type(error).__name__
 
 
 def _key_summary(keys: Sequence[str], limit: int = 16) -> str:

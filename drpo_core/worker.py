@@ -53,7 +53,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from drpo_core.context import BuildContext
-from drpo_core.errors import ComponentError, PluginError
+from drpo_core.errors import ComponentError, PluginError, first_line
 from drpo_core.interfaces import API_VERSION, Ranker
 
 if TYPE_CHECKING:
@@ -101,7 +101,7 @@ class Worker:
             if b"__main__" in payload:
                 raise pickle.PicklingError("it refers to the __main__ script, which the worker does not run")
         except Exception as error:
-            raise WorkerError(f"{name} cannot be sent to a worker process ({_first_line(error)}): define its "
+            raise WorkerError(f"{name} cannot be sent to a worker process ({first_line(error)}): define its "
                               "build function at module level in an importable module (not a lambda, a nested "
                               "function or the main script)") from None
         context = multiprocessing.get_context("spawn")
@@ -240,11 +240,6 @@ def _raise_remote(info: tuple[str, str, bytes | None]) -> None:
     raise WorkerCallError(f"{type_name}: {message}")
 
 
-def _first_line(error: BaseException) -> str:
-    text = str(error).strip()
-    return text.splitlines()[0] if text else type(error).__name__
-
-
 # -- the child ------------------------------------------------------------------------------------
 
 
@@ -292,7 +287,7 @@ def _answer(conn: Any, target: Any) -> None:
             conn.send(("ok", result))
         except Exception as error:  # the result does not pickle
             _send_error(conn, WorkerCallError(f"{method}() returned a {type(result).__name__}, which cannot be "
-                                              f"sent back: {_first_line(error)}"))
+                                              f"sent back: {first_line(error)}"))
 
 
 def _send_error(conn: Any, error: BaseException) -> None:
@@ -301,7 +296,7 @@ def _send_error(conn: Any, error: BaseException) -> None:
     except Exception:
         blob = None
     try:
-        conn.send(("error", (type(error).__name__, _first_line(error), blob)))
+        conn.send(("error", (type(error).__name__, first_line(error), blob)))
     except OSError:
         pass
 

@@ -43,7 +43,6 @@ from __future__ import annotations
 import copy
 import logging
 import math
-import os
 import warnings
 from collections import OrderedDict
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -67,7 +66,8 @@ from peft.tuners.tuners_utils import BaseTunerLayer
 from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
 
 from drpo_core.context import BuildContext
-from drpo_core.errors import PluginError
+from drpo_core.errors import PluginError, first_line
+from drpo_core.hub import hub_offline, resolve_model
 from drpo_core.interfaces import Generator
 
 DEFAULT_TARGET_MODULES = ("to_q", "to_k", "to_v", "to_out.0")
@@ -549,32 +549,12 @@ def _without_notices(pipeline_module: str, prefixes: Sequence[str]) -> Iterator[
 # ---------------------------------------------------------------------- loading and checks
 
 
-def _hub_offline() -> bool:
-    from huggingface_hub import constants
-
-    flag = os.environ.get("HF_HUB_OFFLINE", "").upper() in {"1", "ON", "YES", "TRUE"}
-    return flag or bool(constants.HF_HUB_OFFLINE)
-
-
-def _first_line(error: BaseException) -> str:
-    text = str(error).strip()
-    return text.splitlines()[0] if text else type(error).__name__
-
-
 def _resolve_model(model: str, config_dir: Path) -> tuple[str, bool]:
-    """``(model, is_local)``: a directory (relative to the config's directory) or a hub id."""
-    path = Path(model).expanduser()
-    if not path.is_absolute():
-        path = Path(config_dir) / path
-    if path.exists():
-        if not (path / "model_index.json").is_file():
-            raise PluginError(f"model {model!r} is not a diffusers pipeline directory (no model_index.json)")
-        return str(path), True
-    # Hub ids are "name" or "org/name"; anything else was meant as a path.
-    looks_like_path = model.startswith((".", "/", "~")) or "\\" in model or model.count("/") > 1
-    if looks_like_path:
-        raise PluginError(f"model path {model!r} does not exist")
-    return model, False
+    """``(model, is_local)``: a diffusers pipeline directory (relative to the config's directory) or a hub id."""
+    resolved, is_local = resolve_model(model, config_dir)
+    if is_local and not (Path(resolved) / "model_index.json").is_file():
+        raise PluginError(f"model {model!r} is not a diffusers pipeline directory (no model_index.json)")
+    return resolved, is_local
 
 
 def _from_hub_or_cache(
@@ -585,8 +565,8 @@ def _from_hub_or_cache(
         return load(model, local_files_only=True, **kwargs)
     except (OSError, ValueError) as err:
         if is_local:
-            raise PluginError(f"could not load model {model!r}: {_first_line(err)}") from err
-        if _hub_offline():
+            raise PluginError(f"could not load model {model!r}: {first_line(err)}") from err
+        if hub_offline():
             raise PluginError(
                 f"model {model!r} is not in the local Hugging Face cache and HF_HUB_OFFLINE is set: "
                 f"download it first (hf download {model}) or set model to a local directory"
@@ -594,7 +574,7 @@ def _from_hub_or_cache(
     try:
         return load(model, **kwargs)
     except (OSError, ValueError) as err:
-        raise PluginError(f"could not load model {model!r} from the hub: {_first_line(err)}") from err
+        raise PluginError(f"could not load model {model!r} from the hub: {first_line(err)}") from err
 
 
 def _check_pipeline_class(model: str, is_local: bool, architecture: str, load_kw: dict[str, Any]) -> None:

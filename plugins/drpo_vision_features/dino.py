@@ -20,13 +20,13 @@ import torch
 
 from drpo_core.context import BuildContext
 from drpo_core.errors import PluginError
+from drpo_core.hub import resolve_model
 from drpo_core.interfaces import FeatureContext, FeatureSpace
 from drpo_vision_features.vit import (
     Preprocessing,
     check_layers,
     from_hub_or_cache,
     read_preprocessing,
-    resolve_model,
     token_statistics,
 )
 

@@ -4,7 +4,6 @@ the differentiable preprocessing (bicubic resize, normalise) and the token stati
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,7 +12,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from drpo_core.errors import PluginError
+from drpo_core.errors import PluginError, first_line
+from drpo_core.hub import hub_offline
 
 #: used when a model has no preprocessor config (both DINOv2 and ViT-MAE use these)
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -21,28 +21,7 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 DEFAULT_SIZE = 224
 
 
-def _hub_offline() -> bool:
-    from huggingface_hub import constants
 
-    flag = os.environ.get("HF_HUB_OFFLINE", "").upper() in {"1", "ON", "YES", "TRUE"}
-    return flag or bool(constants.HF_HUB_OFFLINE)
-
-
-def _first_line(error: BaseException) -> str:
-    text = str(error).strip()
-    return text.splitlines()[0] if text else type(error).__name__
-
-
-def resolve_model(model: str, config_dir: Path) -> tuple[str, bool]:
-    """``(model, is_local)``: an existing directory (relative paths from the config's folder) or a hub id."""
-    path = Path(model).expanduser()
-    if not path.is_absolute():
-        path = Path(config_dir) / path
-    if path.exists():
-        return str(path), True
-    if model.startswith((".", "/", "~")) or "\\" in model or model.count("/") > 1:
-        raise PluginError(f"model path {model!r} does not exist")
-    return model, False
 
 
 def from_hub_or_cache(load: Callable[..., Any], model: str, is_local: bool, **kwargs: Any) -> Any:
@@ -51,15 +30,15 @@ def from_hub_or_cache(load: Callable[..., Any], model: str, is_local: bool, **kw
         return load(model, local_files_only=True, **kwargs)
     except (OSError, ValueError) as error:
         if is_local:
-            raise PluginError(f"could not load model {model!r}: {_first_line(error)}") from error
-        if _hub_offline():
+            raise PluginError(f"could not load model {model!r}: {first_line(error)}") from error
+        if hub_offline():
             raise PluginError(
                 f"model {model!r} is not in the local Hugging Face cache and HF_HUB_OFFLINE is set: download it "
                 f"first (hf download {model}) or set the feature space's model to a local directory") from error
     try:
         return load(model, **kwargs)
     except (OSError, ValueError) as error:
-        raise PluginError(f"could not load model {model!r} from the hub: {_first_line(error)}") from error
+        raise PluginError(f"could not load model {model!r} from the hub: {first_line(error)}") from error
 
 
 @dataclass(frozen=True)
@@ -92,7 +71,7 @@ def read_preprocessing(model: str, is_local: bool, revision: str | None, size: i
 
         try:
             path = cached_file(model, "preprocessor_config.json", revision=revision,
-                               local_files_only=_hub_offline(), _raise_exceptions_for_missing_entries=False)
+                               local_files_only=hub_offline(), _raise_exceptions_for_missing_entries=False)
         except OSError:
             path = None
     if path and Path(path).is_file():
