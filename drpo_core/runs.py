@@ -3,7 +3,12 @@
 from __future__ import annotations
 
 import json
+import math
+import os
+import platform
+import subprocess
 from collections.abc import Sequence
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -184,3 +189,73 @@ def _locate(resume: str, output_dir: str | None) -> tuple[Path, str]:
     if output_dir and Path(output_dir).resolve() != run_dir.resolve():
         raise ConfigError(f"--resume {resume} belongs to {run_dir}, not to --output-dir {output_dir}")
     return run_dir, checkpoint
+
+
+# -- the run directory's record of itself ----------------------------------------------------------
+
+
+def write_run_info(run_dir: Path, resolved: ResolvedConfig, registry: Any, command_line: Sequence[str],
+                   device: str, resumed: bool) -> None:
+    """``config.yaml`` (a recipe that works from any directory) and ``run.json`` (how and when it ran); a
+    resumed run keeps both and records the new session in ``run.json``."""
+    info_path = run_dir / "run.json"
+    if resumed:
+        info = json.loads(info_path.read_text()) if info_path.is_file() else {}
+        info.setdefault("resumed", []).append({"time": _now(), "command_line": list(command_line),
+                                               "train.steps": resolved.config.train.steps})
+        _write_atomic(info_path, json.dumps(info, indent=2))
+        return
+    _write_atomic(run_dir / "config.yaml", resolved.portable_yaml())
+    info = {
+        "start_time": _now(),
+        "command_line": list(command_line),
+        "python": platform.python_version(),
+        "packages": _versions(["drpo", "torch", "diffusers", "transformers", "peft", "accelerate"]),
+        "plugins": {p.name: {"distribution": p.distribution, "version": p.version, "state": p.state}
+                    for p in registry.plugins},
+        "git_revision": _git_revision(),
+        "device": device,
+    }
+    _write_atomic(info_path, json.dumps(info, indent=2))
+
+
+def finish_run_info(run_dir: Path, step: int, summary: dict[str, Any]) -> None:
+    """End time, the step reached and the final held-out metrics, in ``run.json``."""
+    path = run_dir / "run.json"
+    if not path.is_file():
+        return
+    info = json.loads(path.read_text())
+    final = {k: v for k, v in summary.items() if isinstance(v, (int, float)) and math.isfinite(v)}
+    info.update(end_time=_now(), steps_done=step, final_metrics=final)
+    _write_atomic(path, json.dumps(info, indent=2))
+
+
+def _now() -> str:
+    return datetime.now(UTC).isoformat(timespec="seconds")
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def _versions(names: list[str]) -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {}
+    for name in names:
+        try:
+            out[name] = version(name)
+        except PackageNotFoundError:
+            out[name] = "not installed"
+    return out
+
+
+def _git_revision() -> str | None:
+    try:
+        result = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
+                                cwd=Path(__file__).parent)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return result.stdout.strip() or None if result.returncode == 0 else None

@@ -22,14 +22,10 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import platform
-import subprocess
 from collections import Counter, deque
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -54,7 +50,7 @@ from drpo_core.preflight import check_run
 from drpo_core.prompts import PromptRecord, PromptStream
 from drpo_core.ranking import rank_candidates
 from drpo_core.registry import Registry, get_registry
-from drpo_core.runs import check_new_run_dir
+from drpo_core.runs import check_new_run_dir, finish_run_info, write_run_info
 from drpo_core.sources import (
     DataSampler,
     DataSource,
@@ -685,48 +681,12 @@ class Trainer:
         return loaded.step
 
     def _write_run_info(self, resumed: bool) -> None:
-        """``config.yaml`` (a recipe that works from any directory) and ``run.json`` (how and when it ran)."""
-        if not self.accelerator.is_main_process:
-            return
-        info_path = self.run_dir / "run.json"
-        if resumed:  # the config stays the one the run started with; a later session is recorded
-            info = json.loads(info_path.read_text()) if info_path.is_file() else {}
-            info.setdefault("resumed", []).append({"time": _now(), "command_line": self.command_line,
-                                                   "train.steps": self.cfg.train.steps})
-            _write_atomic(info_path, json.dumps(info, indent=2))
-            return
-        _write_atomic(self.run_dir / "config.yaml", self.resolved.portable_yaml())
-        info = {
-            "start_time": _now(),
-            "command_line": self.command_line,
-            "python": platform.python_version(),
-            "packages": _versions(["drpo", "torch", "diffusers", "transformers", "peft", "accelerate"]),
-            "plugins": {p.name: {"distribution": p.distribution, "version": p.version, "state": p.state}
-                        for p in self.registry.plugins},
-            "git_revision": _git_revision(),
-            "device": str(self.device),
-        }
-        _write_atomic(info_path, json.dumps(info, indent=2))
+        if self.accelerator.is_main_process:  # one writer
+            write_run_info(self.run_dir, self.resolved, self.registry, self.command_line, str(self.device), resumed)
 
     def _finish_run_info(self, step: int, summary: dict[str, Any]) -> None:
-        """End time, the step reached and the final held-out metrics, in ``run.json``."""
-        path = self.run_dir / "run.json"
-        if not self.accelerator.is_main_process or not path.is_file():
-            return
-        info = json.loads(path.read_text())
-        final = {k: v for k, v in summary.items() if isinstance(v, (int, float)) and math.isfinite(v)}
-        info.update(end_time=_now(), steps_done=step, final_metrics=final)
-        _write_atomic(path, json.dumps(info, indent=2))
-
-
-def _now() -> str:
-    return datetime.now(UTC).isoformat(timespec="seconds")
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+        if self.accelerator.is_main_process:
+            finish_run_info(self.run_dir, step, summary)
 
 
 class _Failure(Exception):
@@ -826,25 +786,3 @@ def _progress_text(record: dict[str, Any], skips: _Skips | None = None) -> str:
     if skips is not None and skips.total:
         parts.append(f"skipped {skips.total} ({', '.join(f'{n} {r}' for r, n in skips.reasons.most_common())})")
     return "  ".join(parts)
-
-
-def _versions(names: list[str]) -> dict[str, str]:
-    from importlib.metadata import PackageNotFoundError, version
-
-    out = {}
-    for name in names:
-        try:
-            out[name] = version(name)
-        except PackageNotFoundError:
-            out[name] = "not installed"
-    return out
-
-
-def _git_revision() -> str | None:
-    try:
-        result = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
-                                cwd=Path(__file__).parent)
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return result.stdout.strip() or None if result.returncode == 0 else None
-
