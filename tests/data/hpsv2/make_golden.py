@@ -9,11 +9,14 @@ weights are perturbed away from the initialisation, so biases and layer norms ar
 conversion that drops or swaps them shows.
 
 open_clip needs torchvision, which must never sit beside the project's torch 2.13 CPU build
-(ecosystem.md §1.2), so run this in a throwaway environment outside the repository::
+(ecosystem.md §1.2), so run this from the repository root in a throwaway environment outside it::
 
-    python3 -m venv /tmp/oc
-    /tmp/oc/bin/pip install torch==2.14.1 torchvision==0.29.1 open_clip_torch transformers safetensors
-    /tmp/oc/bin/python tests/data/hpsv2/make_golden.py
+    python3 -m venv "$TMPDIR/oc"
+    "$TMPDIR/oc/bin/pip" install torch==2.14.1 torchvision==0.29.1 open_clip_torch transformers safetensors
+    "$TMPDIR/oc/bin/python" tests/data/hpsv2/make_golden.py
+
+(made with open_clip 3.3.0, torch 2.14.1, transformers 5.24.0, Pillow 13.0.0; it rewrites every file
+byte for byte).
 
 It writes, beside itself: ``open_clip_tiny.safetensors`` (the open_clip state dict, as an HPS checkpoint
 holds it), ``images/*.png`` (the inputs), ``golden.json`` (prompts, token ids, open_clip's scores) and
