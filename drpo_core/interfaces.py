@@ -117,7 +117,8 @@ class Ranker(ABC):
     #: scores are 0/1 correctness (GenEval style): the loop uses the binary rollout. Declare it at
     #: registration too (``provides=("binary",)``), so a run is checked before anything loads.
     binary: ClassVar[bool] = False
-    #: the score can be back-propagated: read by gradient baselines such as DRaFT (DrPO never does)
+    #: the score can be back-propagated through ``score_differentiable``: read by gradient baselines such as
+    #: DRaFT (DrPO never does)
     differentiable: ClassVar[bool] = False
 
     @abstractmethod
@@ -133,6 +134,11 @@ class Ranker(ABC):
         """Groups a held-out prompt record belongs to (``count=3``, ``shape=bar``): evaluation reports
         the score per group too. None by default."""
         return []
+
+    def score_differentiable(self, images: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
+        """``(B,)`` scores that back-propagate to ``images`` when grad is enabled (gradient baselines such as
+        DRaFT call it); rankers that declare ``differentiable = True`` implement it."""
+        raise NotImplementedError(f"{type(self).__name__} is not differentiable")
 
 
 @dataclass(frozen=True)
