@@ -562,7 +562,9 @@ def _from_hub_or_cache(
 ) -> _Loaded:
     """Call ``load`` on the local cache first; go online only when allowed. One-line errors."""
     try:
-        return load(model, local_files_only=True, **kwargs)
+        with warnings.catch_warnings():  # diffusers passes huggingface_hub an argument it deprecated: not ours to fix
+            warnings.filterwarnings("ignore", message="The `local_dir_use_symlinks` argument is deprecated")
+            return load(model, local_files_only=True, **kwargs)
     except (OSError, ValueError) as err:
         if is_local:
             raise PluginError(f"could not load model {model!r}: {first_line(err)}") from err
