@@ -45,7 +45,8 @@ def test_counting_gain_comes_from_the_ranking(tmp_path):
     assert ranked["diversity_ratio"] >= 0.9
 
 
-def test_default_recipe_plan_names_the_toy_world():
+def test_default_recipe_plan_names_the_toy_world(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # not where a finished default run may sit (runs/toy-counting): --dry-run refuses it
     result = CliRunner().invoke(app, ["train", "--dry-run"])
     assert result.exit_code == 0, result.output
     assert "generator  shapes: ShapesGenerator" in result.output
