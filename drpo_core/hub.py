@@ -1,14 +1,19 @@
 """Where a component's model comes from: a local directory or a Hugging Face hub id, and whether the hub
-may be reached. Shared by every plugin that loads with ``from_pretrained``."""
+may be reached. Shared by every plugin that loads with ``from_pretrained`` (generators, feature spaces,
+rankers), so they resolve paths and report a missing model offline the same way."""
 
 from __future__ import annotations
 
 import os
+import warnings
+from collections.abc import Callable, Mapping
 from pathlib import Path
+from typing import Any, TypeVar
 
-from drpo_core.errors import PluginError
+from drpo_core.errors import PluginError, first_line
 
 _TRUE = {"1", "ON", "YES", "TRUE"}
+Loaded = TypeVar("Loaded")
 
 
 def hub_offline() -> bool:
@@ -18,14 +23,39 @@ def hub_offline() -> bool:
     return os.environ.get("HF_HUB_OFFLINE", "").upper() in _TRUE or bool(constants.HF_HUB_OFFLINE)
 
 
-def resolve_model(model: str, config_dir: Path) -> tuple[str, bool]:
-    """``(model, is_local)``: an existing directory (relative paths from the config's folder) or a hub id.
-    Hub ids are ``name`` or ``org/name``; anything else was meant as a path and must exist."""
-    path = Path(model).expanduser()
-    if not path.is_absolute():
-        path = Path(config_dir) / path
+def resolve_model(model: str, config_dir: Path, *, where: str = "model path") -> tuple[str, bool]:
+    """``(model, is_local)``: an existing directory (relative paths from the working directory, else from the
+    config's folder) or a hub id. Hub ids are ``name`` or ``org/name``; anything else was meant as a path and
+    must exist. ``where`` starts the error messages."""
+    from drpo_core.config import resolve_path
+
+    path = resolve_path(model, Path(config_dir))
     if path.exists():
+        if not path.is_dir():
+            raise PluginError(f"{where} {model!r} is a file, not a model directory or hub id")
         return str(path), True
     if model.startswith((".", "/", "~")) or "\\" in model or model.count("/") > 1:
-        raise PluginError(f"model path {model!r} does not exist")
+        raise PluginError(f"{where} {model!r} does not exist")
     return model, False
+
+
+def from_hub_or_cache(load: Callable[..., Loaded], model: str, is_local: bool, kwargs: Mapping[str, Any],
+                      *, owner: str = "") -> Loaded:
+    """``load(model, **kwargs)`` (a ``from_pretrained``) from local files first, from the hub only when it may
+    be reached; every failure is one line, prefixed with ``owner`` ("ranker 'clip'") when given."""
+    prefix = f"{owner}: " if owner else ""
+    try:
+        with warnings.catch_warnings():  # diffusers passes huggingface_hub an argument it deprecated: not ours
+            warnings.filterwarnings("ignore", message="The `local_dir_use_symlinks` argument is deprecated")
+            return load(model, local_files_only=True, **kwargs)
+    except (OSError, ValueError) as error:
+        if is_local:
+            raise PluginError(f"{prefix}could not load model {model!r}: {first_line(error)}") from error
+        if hub_offline():
+            raise PluginError(f"{prefix}model {model!r} is not in the local Hugging Face cache and HF_HUB_OFFLINE "
+                              f"is set: download it first (hf download {model}) or set it to a local directory"
+                              ) from error
+    try:
+        return load(model, **kwargs)
+    except (OSError, ValueError) as error:
+        raise PluginError(f"{prefix}could not load model {model!r} from the hub: {first_line(error)}") from error

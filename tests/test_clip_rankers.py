@@ -452,7 +452,7 @@ def test_offline_without_weights_is_one_line_per_ranker(registry, tmp_path, monk
     with pytest.raises(PluginError) as error:
         registry.build("ranker", "pickscore", {"model": "drpo-tests/absent-model"}, BuildContext())
     message = str(error.value)
-    assert "\n" not in message and message.startswith("ranker 'pickscore': 'drpo-tests/absent-model' is not in the")
+    assert "\n" not in message and message.startswith("ranker 'pickscore': model 'drpo-tests/absent-model' is not in the")
     assert "HF_HUB_OFFLINE is set: download it first (hf download drpo-tests/absent-model)" in message
     with pytest.raises(AssetError) as error:
         registry.build("ranker", "aesthetic", {}, BuildContext())

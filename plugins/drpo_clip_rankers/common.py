@@ -26,11 +26,9 @@ from __future__ import annotations
 
 import contextlib
 import math
-import os
 from collections import OrderedDict
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, Literal, TypeVar
 
 import numpy as np
@@ -39,6 +37,7 @@ import torch.nn.functional as F
 
 from drpo_core.context import BuildContext
 from drpo_core.errors import ComponentError, PluginError
+from drpo_core.hub import from_hub_or_cache, resolve_model
 from drpo_core.interfaces import Ranker
 
 if TYPE_CHECKING:
@@ -72,59 +71,14 @@ def pick_device(choice: str | None, context: BuildContext) -> torch.device:
     return torch.device(choice or context.device)
 
 
-def hub_offline() -> bool:
-    from huggingface_hub import constants
-
-    flag = os.environ.get("HF_HUB_OFFLINE", "").upper() in {"1", "ON", "YES", "TRUE"}
-    return flag or bool(constants.HF_HUB_OFFLINE)
-
-
-def first_line(error: BaseException) -> str:
-    text = str(error).strip()
-    return text.splitlines()[0] if text else type(error).__name__
-
-
-def resolve_model(ranker: str, key: str, model: str, config_dir: Path) -> tuple[str, bool]:
-    """``(model, is_local)``: a local directory (from the working directory or the config's) or a hub id."""
-    from drpo_core.config import resolve_path
-
-    path = resolve_path(model, config_dir)
-    if path.exists():
-        if not path.is_dir():
-            raise PluginError(f"ranker {ranker!r}: {key} {model!r} is a file, not a model directory or hub id")
-        return str(path), True
-    looks_like_path = model.startswith((".", "/", "~")) or "\\" in model or model.count("/") > 1
-    if looks_like_path:
-        raise PluginError(f"ranker {ranker!r}: {key} {model!r} does not exist")
-    return model, False
-
-
-def from_hub_or_cache(ranker: str, load: Callable[..., _Loaded], model: str, is_local: bool,
-                      kwargs: Mapping[str, Any]) -> _Loaded:
-    """``load(model, **kwargs)`` from local files first, then from the hub when allowed; one-line errors."""
-    try:
-        return load(model, local_files_only=True, **kwargs)
-    except (OSError, ValueError) as error:
-        if is_local:
-            raise PluginError(f"ranker {ranker!r}: could not load {model!r}: {first_line(error)}") from None
-        if hub_offline():
-            raise PluginError(f"ranker {ranker!r}: {model!r} is not in the local Hugging Face cache and "
-                              f"HF_HUB_OFFLINE is set: download it first (hf download {model}) or point the "
-                              "ranker at a local directory") from None
-    try:
-        return load(model, **kwargs)
-    except (OSError, ValueError) as error:
-        raise PluginError(f"ranker {ranker!r}: could not load {model!r} from the hub: {first_line(error)}") from None
-
-
 def load_pretrained(ranker: str, key: str, load: Callable[..., _Loaded], model: str, context: BuildContext,
                     revision: str | None = None, **kwargs: Any) -> _Loaded:
     """``load`` (a ``from_pretrained``) on a hub id or a local directory, with the ranker's one-line errors."""
-    name, is_local = resolve_model(ranker, key, model, context.config_dir)
+    name, is_local = resolve_model(model, context.config_dir, where=f"ranker {ranker!r}: {key}")
     if is_local and revision is not None:
         raise PluginError(f"ranker {ranker!r}: revision {revision!r} is for hub ids, but {key} {model!r} is a "
                           "local directory")
-    return from_hub_or_cache(ranker, load, name, is_local, dict(kwargs, revision=revision))
+    return from_hub_or_cache(load, name, is_local, dict(kwargs, revision=revision), owner=f"ranker {ranker!r}")
 
 
 def load_tokenizer(ranker: str, source: str, context: BuildContext, revision: str | None) -> PreTrainedTokenizerBase:

@@ -66,8 +66,8 @@ from peft.tuners.tuners_utils import BaseTunerLayer
 from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
 
 from drpo_core.context import BuildContext
-from drpo_core.errors import PluginError, first_line
-from drpo_core.hub import hub_offline, resolve_model
+from drpo_core.errors import PluginError
+from drpo_core.hub import from_hub_or_cache, resolve_model
 from drpo_core.interfaces import Generator
 
 DEFAULT_TARGET_MODULES = ("to_q", "to_k", "to_v", "to_out.0")
@@ -557,30 +557,8 @@ def _resolve_model(model: str, config_dir: Path) -> tuple[str, bool]:
     return resolved, is_local
 
 
-def _from_hub_or_cache(
-    load: Callable[..., _Loaded], model: str, is_local: bool, kwargs: dict[str, Any]
-) -> _Loaded:
-    """Call ``load`` on the local cache first; go online only when allowed. One-line errors."""
-    try:
-        with warnings.catch_warnings():  # diffusers passes huggingface_hub an argument it deprecated: not ours to fix
-            warnings.filterwarnings("ignore", message="The `local_dir_use_symlinks` argument is deprecated")
-            return load(model, local_files_only=True, **kwargs)
-    except (OSError, ValueError) as err:
-        if is_local:
-            raise PluginError(f"could not load model {model!r}: {first_line(err)}") from err
-        if hub_offline():
-            raise PluginError(
-                f"model {model!r} is not in the local Hugging Face cache and HF_HUB_OFFLINE is set: "
-                f"download it first (hf download {model}) or set model to a local directory"
-            ) from err
-    try:
-        return load(model, **kwargs)
-    except (OSError, ValueError) as err:
-        raise PluginError(f"could not load model {model!r} from the hub: {first_line(err)}") from err
-
-
 def _check_pipeline_class(model: str, is_local: bool, architecture: str, load_kw: dict[str, Any]) -> None:
-    config: dict[str, Any] = _from_hub_or_cache(
+    config: dict[str, Any] = from_hub_or_cache(
         # diffusers annotates load_config as returning a pair, which it does with return_unused_kwargs only
         DiffusionPipeline.load_config, model, is_local, {"revision": load_kw["revision"]}  # type: ignore[arg-type]
     )
@@ -601,7 +579,7 @@ def _load_pipeline(model: str, is_local: bool, architecture: str, kwargs: dict[s
     if architecture == "sd":
         # the safety checker is not needed for training and costs memory
         kwargs = dict(kwargs, safety_checker=None, requires_safety_checker=False)
-    return _from_hub_or_cache(cls.from_pretrained, model, is_local, kwargs)
+    return from_hub_or_cache(cls.from_pretrained, model, is_local, kwargs)
 
 
 def _check_tokenizers(pipe: DiffusionPipeline, model: str) -> None:

@@ -20,12 +20,11 @@ import torch
 
 from drpo_core.context import BuildContext
 from drpo_core.errors import PluginError
-from drpo_core.hub import resolve_model
+from drpo_core.hub import from_hub_or_cache, resolve_model
 from drpo_core.interfaces import FeatureContext, FeatureSpace
 from drpo_vision_features.vit import (
     Preprocessing,
     check_layers,
-    from_hub_or_cache,
     read_preprocessing,
     token_statistics,
 )
@@ -74,7 +73,7 @@ def build_dino(options: DinoOptions, context: BuildContext) -> DinoFeatures:
     from transformers import AutoModel
 
     model_id, is_local = resolve_model(options.model, context.config_dir)
-    model = from_hub_or_cache(AutoModel.from_pretrained, model_id, is_local, revision=options.revision)
+    model = from_hub_or_cache(AutoModel.from_pretrained, model_id, is_local, {"revision": options.revision})
     config = model.config
     layers = check_layers(options.layers, config.num_hidden_layers, options.model)
     preprocess = read_preprocessing(model_id, is_local, options.revision, options.image_size)

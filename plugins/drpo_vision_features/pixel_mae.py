@@ -20,12 +20,11 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from drpo_core.context import BuildContext
-from drpo_core.hub import resolve_model
+from drpo_core.hub import from_hub_or_cache, resolve_model
 from drpo_core.interfaces import FeatureContext, FeatureSpace
 from drpo_vision_features.vit import (
     Preprocessing,
     check_layers,
-    from_hub_or_cache,
     read_preprocessing,
     token_statistics,
 )
@@ -71,7 +70,7 @@ def build_pixel_mae(options: PixelMAEOptions, context: BuildContext) -> PixelMAE
 
     model_id, is_local = resolve_model(options.model, context.config_dir)
     extra: dict[str, Any] = {"mask_ratio": 0.0} if options.masking == "off" else {}
-    model = from_hub_or_cache(ViTMAEModel.from_pretrained, model_id, is_local, revision=options.revision, **extra)
+    model = from_hub_or_cache(ViTMAEModel.from_pretrained, model_id, is_local, {"revision": options.revision, **extra})
     layers = check_layers(options.layers, model.config.num_hidden_layers, options.model)
     preprocess = read_preprocessing(model_id, is_local, options.revision, options.image_size)
     return PixelMAEFeatures(model, preprocess, layers, options.stats, options.masking)

@@ -4,7 +4,7 @@ the differentiable preprocessing (bicubic resize, normalise) and the token stati
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -12,7 +12,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from drpo_core.errors import PluginError, first_line
+from drpo_core.errors import PluginError
 from drpo_core.hub import hub_offline
 
 #: used when a model has no preprocessor config (both DINOv2 and ViT-MAE use these)
@@ -22,23 +22,6 @@ DEFAULT_SIZE = 224
 
 
 
-
-
-def from_hub_or_cache(load: Callable[..., Any], model: str, is_local: bool, **kwargs: Any) -> Any:
-    """``load(model, **kwargs)`` from the local cache first, the hub only when allowed; one-line errors."""
-    try:
-        return load(model, local_files_only=True, **kwargs)
-    except (OSError, ValueError) as error:
-        if is_local:
-            raise PluginError(f"could not load model {model!r}: {first_line(error)}") from error
-        if hub_offline():
-            raise PluginError(
-                f"model {model!r} is not in the local Hugging Face cache and HF_HUB_OFFLINE is set: download it "
-                f"first (hf download {model}) or set the feature space's model to a local directory") from error
-    try:
-        return load(model, **kwargs)
-    except (OSError, ValueError) as error:
-        raise PluginError(f"could not load model {model!r} from the hub: {first_line(error)}") from error
 
 
 @dataclass(frozen=True)
