@@ -358,3 +358,18 @@ def load_checkpoint(path: str | Path) -> Any:
         first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise AssetError(f"{path} is not a readable PyTorch checkpoint ({type(error).__name__}: {first}); "
                          "download it again") from None
+
+
+def option_or_asset(value: str | None, asset: Asset, config_dir: Path, where: str, alternative: str) -> Path:
+    """A component's weights: the local file its option ``where`` names (relative to the recipe's folder), or,
+    when the option is unset, the registered ``asset`` (fetched when it may be; ``alternative`` ends the
+    one-line error of a missing asset). One line when the named file is missing."""
+    if value is None:
+        return path(asset, alternative=alternative)
+    local = Path(value).expanduser()  # as config.resolve_path: the working directory first, then the recipe's
+    if not local.is_absolute() and not local.exists():
+        local = Path(config_dir) / local
+    if not local.is_file():
+        raise AssetError(f"{where}: {local} does not exist (default: the asset {asset.name}, "
+                         f"`drpo assets fetch {asset.name}`)")
+    return local

@@ -238,7 +238,7 @@ def test_a_component_nobody_named(missing, message, isolated_registry, tmp_path)
 def test_the_golden_files_are_valid_yaml_free_of_machine_paths():
     for golden in GOLDEN.iterdir():
         text = golden.read_text()
-        assert yaml.safe_load(text) and "/work/" not in text and "/tmp/" not in text
+        assert yaml.safe_load(text) and '"/' not in text  # no absolute path: the golden files hold no machine paths
 
 
 def test_the_readme_config_show_line_works_as_typed(builtins, monkeypatch):

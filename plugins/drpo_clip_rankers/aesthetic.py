@@ -30,8 +30,7 @@ from drpo_clip_rankers.common import (
     pick_dtype,
 )
 from drpo_core import assets
-from drpo_core.config import resolve_path
-from drpo_core.errors import AssetError, PluginError
+from drpo_core.errors import PluginError
 from drpo_image_rankers import LAION_AESTHETIC_MLP
 
 if TYPE_CHECKING:
@@ -124,15 +123,9 @@ def load_head(path: Path) -> AestheticHead:
 
 
 def build(options: AestheticOptions, context: BuildContext) -> AestheticRanker:
-    if options.head is None:
-        asset = assets.Asset(name=ASSET, **LAION_AESTHETIC_MLP)
-        head_path = assets.path(asset, alternative="set the ranker's head to a local copy of the file")
-    else:
-        head_path = resolve_path(options.head, context.config_dir)
-        if not head_path.is_file():
-            raise AssetError(f"ranker 'aesthetic': head {options.head!r} does not exist (default: the asset {ASSET}, "
-                             f"`drpo assets fetch {ASSET}`)")
-    head = load_head(head_path)
+    head = load_head(assets.option_or_asset(options.head, assets.Asset(name=ASSET, **LAION_AESTHETIC_MLP),
+                                            context.config_dir, "ranker 'aesthetic': head",
+                                            "set the ranker's head to a local copy of the file"))
     device = pick_device(options.device, context)
     dtype = pick_dtype(options.dtype, device, context)
     config = load_pretrained("aesthetic", "model", AutoConfig.from_pretrained, options.model, context, options.revision)

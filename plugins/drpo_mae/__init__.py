@@ -82,18 +82,10 @@ def drpo_register_features(register: Register[FeatureSpace]) -> None:
 
 def _build(options: LatentMAEOptions, context: BuildContext) -> FeatureSpace:
     from drpo_core import assets
-    from drpo_core.config import resolve_path
-    from drpo_core.errors import AssetError
     from drpo_mae.encoder import LatentMAEEncoder
     from drpo_mae.features import LatentMAEFeatures
 
-    if options.weights is None:
-        asset = assets.Asset(name=ASSET, **LATENT_MAE_256)
-        weights = assets.path(asset, alternative="set features.weights to a local copy")
-    else:
-        weights = resolve_path(options.weights, context.config_dir)
-        if not weights.is_file():
-            raise AssetError(f"features.weights: {weights} does not exist (default: the asset {ASSET}, "
-                             f"`drpo assets fetch {ASSET}`)")
+    weights = assets.option_or_asset(options.weights, assets.Asset(name=ASSET, **LATENT_MAE_256), context.config_dir,
+                                     "features.weights", "set features.weights to a local copy")
     encoder = LatentMAEEncoder.load(weights)
     return LatentMAEFeatures(encoder, options.keys, weights).to(context.device)
