@@ -796,13 +796,6 @@ def _origin_of(origins: dict[str, str], dotted: str) -> str | None:
     return None
 
 
-def validate_model(model: type[BaseModel], data: dict[str, Any], where: str) -> BaseModel:
-    """Validate a plugin's options; errors name ``where.key`` (kept here for plugins that import it)."""
-    from drpo_core.validation import validate_model as validate
-
-    return validate(model, data, where)
-
-
 def _validate_components(resolved: ResolvedConfig, registry: Registry) -> None:
     """Every component exists and its options are valid: validated once, kept in ``resolved.options``."""
     config = resolved.config

@@ -64,3 +64,14 @@ def tiny_vision_dirs(tmp_path_factory):
     from drpo_vision_features.testing import build_tiny_models
 
     return build_tiny_models(tmp_path_factory.getbasetemp() / "drpo_vision_tiny")
+
+
+@pytest.fixture(scope="session")
+def builtin_registry():
+    """A registry of the installed built-in plugins only (no third-party ones, nothing disabled)."""
+    from drpo_core.registry import Registry
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("DRPO_LOAD_PLUGINS", "")
+        patch.delenv("DRPO_DISABLE_PLUGINS", raising=False)
+        return Registry().load_entry_points()

@@ -11,7 +11,6 @@ import pytest
 from drpo_core import hookimpl
 from drpo_core.config import RunConfig, parse_yaml, resolve_config
 from drpo_core.errors import ConfigError
-from drpo_core.registry import Registry
 
 REPO = Path(__file__).resolve().parents[1]
 COMPONENTS = ("generator: tiny\nrankers: [tiny-brightness]\nfeatures: tiny-pixels\nkernel: laplacian\n"
@@ -248,14 +247,6 @@ def repository_yaml_files() -> list[Path]:
 
 def test_the_default_recipe_is_among_the_checked_files():
     assert REPO / "cli" / "drpo_cli" / "default.yaml" in repository_yaml_files()
-
-
-@pytest.fixture(scope="module")
-def builtin_registry() -> Registry:
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("DRPO_LOAD_PLUGINS", "")
-        patch.delenv("DRPO_DISABLE_PLUGINS", raising=False)
-        return Registry().load_entry_points()
 
 
 @pytest.mark.parametrize("path", repository_yaml_files(), ids=lambda p: str(p.relative_to(REPO)))

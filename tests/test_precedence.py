@@ -11,19 +11,10 @@ import yaml
 from drpo_core import hookimpl
 from drpo_core.config import PRECEDENCE, RunConfig, _flatten, resolve_config
 from drpo_core.errors import ConfigError
-from drpo_core.registry import Registry
 
 REPO = Path(__file__).resolve().parents[1]
 GOLDEN = REPO / "tests" / "data" / "resolved"
 PROMPTS = "prompts.path=data/pickscore/train.txt"
-
-
-@pytest.fixture(scope="module")
-def builtins() -> Registry:
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("DRPO_LOAD_PLUGINS", "")
-        patch.delenv("DRPO_DISABLE_PLUGINS", raising=False)
-        return Registry().load_entry_points()
 
 
 def resolved_table(resolved) -> dict:
@@ -41,10 +32,10 @@ def test_no_schema_default_names_a_component():
 
 
 @pytest.mark.parametrize("generator", ["sd-turbo", "sdxl-turbo"])
-def test_the_toy_recipe_does_not_leak_into_a_named_generator(generator, builtins, monkeypatch, tmp_path):
+def test_the_toy_recipe_does_not_leak_into_a_named_generator(generator, builtin_registry, monkeypatch, tmp_path):
     monkeypatch.chdir(REPO)
     resolved = resolve_config(flags={"generator": generator, "rankers": "brightness"}, assignments=[PROMPTS],
-                              registry=builtins)
+                              registry=builtin_registry)
     cfg, origins = resolved.config, resolved.origins
     recommended = {"sd-turbo": "latent-mae", "sdxl-turbo": "latent"}[generator]  # SD-Turbo: the paper's latent-MAE
     assert cfg.features.name == recommended and origins["features.name"] == f"generator {generator}"
@@ -68,10 +59,10 @@ BOTH = {"selection.positives": 8, "selection.negatives": 8, "drift.positive_weig
 
 
 @pytest.mark.parametrize("generator", ["sd-turbo", "sdxl-turbo"])
-def test_golden_resolved_config_of_each_generator(generator, builtins, monkeypatch):
+def test_golden_resolved_config_of_each_generator(generator, builtin_registry, monkeypatch):
     monkeypatch.chdir(REPO)
     resolved = resolve_config(flags={"generator": generator, "rankers": "brightness"}, assignments=[PROMPTS],
-                              registry=builtins)
+                              registry=builtin_registry)
     table = resolved_table(resolved)
     for key, value in {**BOTH, **PAPER[generator]}.items():
         assert table[key] == [value, f"generator {generator}"], key
@@ -192,33 +183,33 @@ def test_a_feature_space_the_generator_cannot_feed(isolated_registry, tmp_path):
         f"images) (features.name from {tmp_path / 'recipe.yaml'}, generator.name from {tmp_path / 'recipe.yaml'})")
 
 
-def test_the_toy_features_with_a_diffusion_generator(builtins, monkeypatch):
+def test_the_toy_features_with_a_diffusion_generator(builtin_registry, monkeypatch):
     monkeypatch.chdir(REPO)
     with pytest.raises(ConfigError, match=r"features: 'shapes' needs shapes-world from the generator, which "
                                           r"'sdxl-turbo' does not give .*features.name from --features"):
         resolve_config(flags={"generator": "sdxl-turbo", "rankers": "brightness", "features": "shapes"},
-                       assignments=[PROMPTS], registry=builtins)
+                       assignments=[PROMPTS], registry=builtin_registry)
 
 
-def test_no_prompts_for_an_online_run(builtins):
+def test_no_prompts_for_an_online_run(builtin_registry):
     with pytest.raises(ConfigError, match=r"^prompts.path: an online run needs training prompts"):
-        resolve_config(flags={"generator": "sd-turbo", "rankers": "brightness"}, registry=builtins)
+        resolve_config(flags={"generator": "sd-turbo", "rankers": "brightness"}, registry=builtin_registry)
 
 
-def test_binary_and_graded_rankers_mixed(builtins, monkeypatch):
+def test_binary_and_graded_rankers_mixed(builtin_registry, monkeypatch):
     monkeypatch.chdir(REPO)
     with pytest.raises(ConfigError, match=r"^rankers: binary rankers .* cannot be mixed with graded ones in one "
                                           r"run \(rankers.0.name from --set, rankers.1.name from --set\)"):
         resolve_config(flags={"generator": "shapes", "features": "shapes"},
                        assignments=["rankers.0.name=shapes:counting", "rankers.1.name=brightness"],
-                       registry=builtins)
+                       registry=builtin_registry)
 
 
-def test_more_anchors_than_recommended_candidates(builtins, monkeypatch):
+def test_more_anchors_than_recommended_candidates(builtin_registry, monkeypatch):
     monkeypatch.chdir(REPO)
     with pytest.raises(ConfigError) as error:
         resolve_config(flags={"generator": "sdxl-turbo", "rankers": "brightness"},
-                       assignments=[PROMPTS, "selection.positives=9"], registry=builtins)
+                       assignments=[PROMPTS, "selection.positives=9"], registry=builtin_registry)
     assert str(error.value) == ("selection: positives + negatives (9 + 8) exceed candidates (16) (selection.positives "
                                 "from --set, selection.negatives from generator sdxl-turbo, selection.candidates "
                                 "from generator sdxl-turbo)")
@@ -241,7 +232,7 @@ def test_the_golden_files_are_valid_yaml_free_of_machine_paths():
         assert yaml.safe_load(text) and '"/' not in text  # no absolute path: the golden files hold no machine paths
 
 
-def test_the_readme_config_show_line_works_as_typed(builtins, monkeypatch):
+def test_the_readme_config_show_line_works_as_typed(builtin_registry, monkeypatch):
     import shlex
 
     from typer.testing import CliRunner
@@ -252,7 +243,7 @@ def test_the_readme_config_show_line_works_as_typed(builtins, monkeypatch):
     line = next(line for line in (REPO / "README.md").read_text().splitlines() if line.startswith("drpo config show"))
     args = shlex.split(line.split("#")[0])[1:]
     monkeypatch.chdir(REPO)
-    monkeypatch.setattr(registry_module, "_default", builtins)
+    monkeypatch.setattr(registry_module, "_default", builtin_registry)
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
     assert "generator sd-turbo" in result.output and "selection.candidates" in result.output
