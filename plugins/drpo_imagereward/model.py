@@ -79,10 +79,8 @@ class ImageRewardModel(nn.Module):
         self.vision_model = BlipVisionModel(vision)
         self.text_encoder = BlipTextModel(text, add_pooling_layer=False)
         self.mlp = RewardHead(head_widths)
-
-    @property
-    def image_size(self) -> int:
-        return int(self.vision_model.config.image_size)
+        #: the square input size of the ViT (224 for ImageReward v1.0)
+        self.image_size = image_size(vision)
 
     def reward(self, pixel_values: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """(B,) normalised scores: the text features cast to float32 for the head (keep the head in float32)."""
@@ -91,6 +89,13 @@ class ImageRewardModel(nn.Module):
         text = self.text_encoder(input_ids=input_ids, attention_mask=attention_mask, encoder_hidden_states=image,
                                  is_decoder=False).last_hidden_state[:, 0]
         return ((self.mlp(text.float()) - MEAN) / STD).flatten()
+
+
+def image_size(config: BlipVisionConfig) -> int:
+    size = config.image_size
+    if not isinstance(size, int):
+        raise PluginError(f"ImageReward's ViT takes square images, got image_size {size}")
+    return size
 
 
 # ------------------------------------------------------------------------------------------ the checkpoint
@@ -135,9 +140,9 @@ def vision_config(state: Mapping[str, torch.Tensor], head_width: int) -> BlipVis
     positions = _entry(state, "vision_model.embeddings.position_embedding")
     patch = _entry(state, "vision_model.embeddings.patch_embedding.weight")
     width, grid = int(positions.shape[-1]), math.isqrt(int(positions.shape[1]) - 1)
-    if grid * grid + 1 != positions.shape[1] or patch.shape[-1] != patch.shape[-2]:
+    if grid * grid + 1 != positions.shape[1] or patch.shape[-1] != patch.shape[-2] or patch.shape[1] != 3:
         raise PluginError(f"ImageReward checkpoint: {positions.shape[1]} ViT positions are not a square grid plus "
-                          "the class token")
+                          "the class token, or its patches are not square RGB")
     if width % head_width:
         raise PluginError(f"ImageReward checkpoint: ViT width {width} is not a multiple of vision_head_width "
                           f"{head_width}")
@@ -145,7 +150,7 @@ def vision_config(state: Mapping[str, torch.Tensor], head_width: int) -> BlipVis
     return BlipVisionConfig(
         hidden_size=width, intermediate_size=int(_entry(state, "vision_model.encoder.layers.0.mlp.fc1.weight").shape[0]),
         num_hidden_layers=len(layers), num_attention_heads=width // head_width, image_size=grid * int(patch.shape[-1]),
-        patch_size=int(patch.shape[-1]), num_channels=int(patch.shape[1]), layer_norm_eps=1e-6, hidden_act="gelu",
+        patch_size=int(patch.shape[-1]), layer_norm_eps=1e-6, hidden_act="gelu",
         attention_dropout=0.0)
 
 
@@ -195,8 +200,9 @@ def build_model(state: Mapping[str, torch.Tensor], med: Mapping[str, Any], visio
         detail = " ".join(str(error).split())
         raise PluginError(f"the checkpoint does not fit med_config.json and the ViT it describes: {detail[:300]}"
                           ) from None
-    embeddings = model.text_encoder.embeddings
-    embeddings.position_ids = torch.arange(text.max_position_embeddings)[None]  # a buffer no checkpoint holds
+    # a buffer no checkpoint holds (transformers does not save it), still on the meta device
+    model.text_encoder.embeddings.register_buffer("position_ids", torch.arange(text.max_position_embeddings)[None],
+                                                  persistent=False)
     return model
 
 

@@ -36,7 +36,10 @@ script then skips those registrations (the transforms ImageReward uses are Pytho
 It writes, beside itself: ``ImageReward.pt`` and ``med_config.json`` (the hub layout of THUDM/ImageReward),
 ``vocab.txt`` (the tiny WordPiece vocabulary), ``images/*.png`` (the inputs), ``golden.json`` (prompts,
 upstream token ids with the tiny and with the real bert-base-uncased vocabulary, upstream scores) and
-``golden_tensors.safetensors`` (upstream preprocessed pixels and the text features the head reads).
+``golden_tensors.safetensors`` (upstream preprocessed pixels and the text features the head reads), and
+``imagereward_v1_shapes.json``: every entry of the full-size model's state dict (ViT-L/16, BERT-base, built
+on the meta device, no weights) with its shape, so the conversion of the real checkpoint's layout is checked
+too.
 """
 
 from __future__ import annotations
@@ -44,6 +47,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import sys
+import tempfile
 import types
 from pathlib import Path
 
@@ -96,6 +100,12 @@ def tolerate_cpu_torchvision() -> None:
     torch.library.register_fake = tolerant
 
 
+#: ImageReward's own med_config.json (THUDM/ImageReward, BLIP's BERT-base with cross-attention), for the
+#: full-size layout
+REAL_MED_CONFIG = dict(MED_CONFIG, hidden_size=768, intermediate_size=3072, max_position_embeddings=512,
+                       num_attention_heads=12, num_hidden_layers=12, vocab_size=30524)
+
+
 def upstream_modules(tokenizer_vocab: Path) -> types.SimpleNamespace:
     """The image-reward package's reward model and BLIP modules, loaded from its folder without its
     ``__init__`` (training and other scores), with the tiny ViT and the local vocabulary patched in."""
@@ -113,11 +123,36 @@ def upstream_modules(tokenizer_vocab: Path) -> types.SimpleNamespace:
     def tiny_vit(vit_name, image_size, use_grad_checkpointing=False, ckpt_layer=0, drop_path_rate=0):
         return vit.VisionTransformer(**VISION, drop_path_rate=drop_path_rate), VISION["embed_dim"]
 
+    real = types.SimpleNamespace(create_vit=blip_pretrain.create_vit, MLP=reward_module.MLP,
+                                 init_tokenizer=lambda: upstream_tokenizer(FULL_VOCAB))
     blip_pretrain.create_vit = tiny_vit
     blip_pretrain.init_tokenizer = lambda: upstream_tokenizer(tokenizer_vocab)
     upstream_mlp = reward_module.MLP
     reward_module.MLP = lambda input_size: upstream_mlp(MED_CONFIG["hidden_size"])
-    return types.SimpleNamespace(ImageReward=reward_module.ImageReward, transform=reward_module._transform)
+    return types.SimpleNamespace(ImageReward=reward_module.ImageReward, transform=reward_module._transform,
+                                 patched=(blip_pretrain, reward_module), real=real)
+
+
+def write_full_size_shapes(upstream: types.SimpleNamespace) -> None:
+    """Every entry of the real ImageReward v1.0 state dict with its shape: the upstream model at its true size
+    (ViT-L/16 at 224, BERT-base, the 768-wide head), built on the meta device (no weights)."""
+    blip_pretrain, reward_module = upstream.patched
+    patched = blip_pretrain.create_vit, blip_pretrain.init_tokenizer, reward_module.MLP
+    blip_pretrain.create_vit, blip_pretrain.init_tokenizer = upstream.real.create_vit, upstream.real.init_tokenizer
+    reward_module.MLP = upstream.real.MLP
+    linspace = torch.linspace  # the ViT reads its drop-path rates with .item(), which meta tensors refuse
+    torch.linspace = lambda *args, **kwargs: linspace(*args, **dict(kwargs, device="cpu"))
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            (Path(tmp) / "med_config.json").write_text(json.dumps(REAL_MED_CONFIG))
+            with torch.device("meta"):
+                model = upstream.ImageReward(med_config=str(Path(tmp) / "med_config.json"), device="cpu")
+    finally:
+        blip_pretrain.create_vit, blip_pretrain.init_tokenizer, reward_module.MLP = patched
+        torch.linspace = linspace
+    lines = [f"  {json.dumps(key)}: {list(value.shape)}" for key, value in model.state_dict().items()]
+    head = json.dumps({"image-reward": "1.5", "med_config": REAL_MED_CONFIG})
+    (HERE / "imagereward_v1_shapes.json").write_text(head[:-1] + ', "shapes": {\n' + ",\n".join(lines) + "\n}}\n")
 
 
 def upstream_tokenizer(vocab: Path):
@@ -184,6 +219,7 @@ def main() -> None:
     med = dict(MED_CONFIG, vocab_size=vocab_size + 2)  # + [DEC] and [ENC]
     (HERE / "med_config.json").write_text(json.dumps(med, indent=2) + "\n")
     upstream = upstream_modules(HERE / "vocab.txt")
+    write_full_size_shapes(upstream)
 
     model = upstream.ImageReward(med_config=str(HERE / "med_config.json"), device="cpu")
     randomise(model, torch.Generator().manual_seed(SEED))
@@ -205,15 +241,15 @@ def main() -> None:
     batch_names = [f"images/batch_{i}_{BATCH_SIZE[0]}x{BATCH_SIZE[1]}.png" for i in range(len(BATCH_PROMPTS))]
     single_names = [f"images/single_{i}_{w}x{h}.png" for i, (w, h) in enumerate(SINGLE_SIZES)]
     sizes = [BATCH_SIZE] * len(batch_names) + SINGLE_SIZES
-    for name, (width, height) in zip(batch_names + single_names, sizes):
+    for name, (width, height) in zip(batch_names + single_names, sizes, strict=True):
         image(width, height, rng).save(HERE / name)
     batch = [Image.open(HERE / n).convert("RGB") for n in batch_names]
     single = [Image.open(HERE / n).convert("RGB") for n in single_names]
 
     with torch.no_grad():
         # the public API, one image at a time (ImageReward.score with a picture)
-        batch_one_by_one = [model.score(p, im) for p, im in zip(BATCH_PROMPTS, batch)]
-        single_scores = [model.score(p, im) for p, im in zip(SINGLE_PROMPTS, single)]
+        batch_one_by_one = [model.score(p, im) for p, im in zip(BATCH_PROMPTS, batch, strict=True)]
+        single_scores = [model.score(p, im) for p, im in zip(SINGLE_PROMPTS, single, strict=True)]
         # inference_rank: one prompt, several pictures
         ranking, rank_rewards = model.inference_rank(PROMPTS[1], batch)
         # the batched path (score_gard): a padded batch of mixed-length prompts and their images
