@@ -237,7 +237,9 @@ def test_a_bf16_backbone_keeps_a_float32_head_and_scores(registry, hub_folder):
                             BuildContext())
     assert ranker.model.vision_model.embeddings.patch_embedding.weight.dtype == torch.bfloat16
     assert ranker.model.text_encoder.embeddings.word_embeddings.weight.dtype == torch.bfloat16
-    assert all(p.dtype == torch.float32 for p in ranker.model.mlp.parameters())
+    checkpoint = torch.load(DATA / "ImageReward.pt", weights_only=True)
+    for index in imagereward.HEAD_LINEARS:  # float32 and never rounded through bf16
+        assert torch.equal(ranker.model.mlp.layers[index].weight, checkpoint[f"mlp.layers.{index}.weight"].float())
     batch = GOLDEN["batch"]
     scores = ranker.score(images(batch["images"]), batch["prompts"], [None] * 4)
     assert scores.dtype == torch.float32

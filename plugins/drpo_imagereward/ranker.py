@@ -51,8 +51,9 @@ class ImageRewardRanker(ClipFamilyRanker):
         preprocessing = Preprocessing(size, (size, size), OPENAI_MEAN, OPENAI_STD, crop_offset="half-even")
         super().__init__(name, images=OpenClipImages(preprocessing), preprocessing=preprocessing, device=device,
                          dtype=dtype, batch_size=batch_size)
-        freeze(model, device, dtype)
-        model.mlp.to(torch.float32)  # the head reads float32 features, whatever the backbone's dtype
+        freeze(model.vision_model, device, dtype)
+        freeze(model.text_encoder, device, dtype)
+        freeze(model.mlp, device, torch.float32)  # never rounded to the backbone's dtype: it reads float32 features
         self.model = model
         self.tokenizer = tokenizer
 
