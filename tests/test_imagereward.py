@@ -255,3 +255,22 @@ def test_non_finite_images_and_wrong_counts(ranker):
     assert scores[1].isnan() and max_error(scores[[0, 2, 3]], [batch["scores"][i] for i in (0, 2, 3)]) < TOLERANCE
     with pytest.raises(ComponentError, match="4 images but 3 prompts"):
         ranker.score(pixels, batch["prompts"][:3], [None] * 4)
+
+
+def test_drpo_eval_without_the_weights_offline_is_one_line_exit_2(monkeypatch, tmp_path):
+    """``drpo eval --ranker imagereward`` on a machine that never downloaded THUDM/ImageReward."""
+    from huggingface_hub import constants
+    from typer.testing import CliRunner
+
+    import drpo_cli.main as cli_main
+    from drpo_core import registry as registry_module
+
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr(registry_module, "_default", registry_module.Registry().load_entry_points())
+    shutil.copy(DATA / GOLDEN["single"]["images"][0], tmp_path / "0.png")
+    (tmp_path / "m.jsonl").write_text(json.dumps({"prompt": "a cat", "file": "0.png"}) + "\n")
+    result = CliRunner().invoke(cli_main.app, ["eval", str(tmp_path / "m.jsonl"), "--ranker", "imagereward"])
+    assert result.exit_code == 2 and "Traceback" not in result.output
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and "ranker 'imagereward'" in lines[0] and "hf download THUDM/ImageReward" in lines[0]
+    assert not (tmp_path / "scores.jsonl").exists()
