@@ -217,6 +217,22 @@ def test_loading_errors_are_one_line(registry, hub_folder, tmp_path):
         build(revision="main")
 
 
+def test_a_safetensors_copy_of_the_checkpoint_loads_too(registry, tmp_path):
+    from safetensors.torch import save_file
+
+    state = torch.load(DATA / "ImageReward.pt", weights_only=True)
+    save_file({k: v.contiguous() for k, v in state.items()}, str(tmp_path / "ImageReward.safetensors"))
+    shutil.copy(DATA / "med_config.json", tmp_path / "med_config.json")
+    ranker = registry.build("ranker", "imagereward", {"model": str(tmp_path), "checkpoint": "ImageReward.safetensors",
+                                                      **TINY}, BuildContext())
+    batch = GOLDEN["batch"]
+    assert max_error(ranker.score(images(batch["images"]), batch["prompts"], [None] * 4), batch["scores"]) < TOLERANCE
+    torch.save({"model": state}, tmp_path / "nested.pt")
+    with pytest.raises(PluginError, match="does not hold a state dict of tensors"):
+        registry.build("ranker", "imagereward", {"model": str(tmp_path), "checkpoint": "nested.pt", **TINY},
+                       BuildContext())
+
+
 def test_a_checkpoint_of_another_model_or_config_is_refused(tmp_path):
     state = torch.load(DATA / "ImageReward.pt", weights_only=True)
     with pytest.raises(PluginError, match="unexpected entries visual.proj"):
