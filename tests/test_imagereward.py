@@ -259,7 +259,7 @@ def test_a_bf16_backbone_keeps_a_float32_head_and_scores(registry, hub_folder):
     batch = GOLDEN["batch"]
     scores = ranker.score(images(batch["images"]), batch["prompts"], [None] * 4)
     assert scores.dtype == torch.float32
-    assert max_error(scores, batch["scores"]) < 0.25  # bf16 has 8 bits of mantissa; the order is what matters
+    assert max_error(scores, batch["scores"]) < 0.06  # measured 0.024: bf16 keeps 8 bits of mantissa
     assert scores.argsort().tolist() == torch.tensor(batch["scores"]).argsort().tolist()
 
 
