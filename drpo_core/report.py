@@ -401,7 +401,7 @@ def print_report(report: Mapping[str, Any], console: Console) -> None:
         lines.append(f"change   finetuned - base, mean over (prompt, seed) pairs; {confidence} interval: "
                      f"Student t over prompts of each prompt's mean difference across its seeds")
     for line in lines:
-        console.print(line, highlight=False, markup=False)
+        console.print(line, highlight=False, markup=False, soft_wrap=True)
     columns = ["ranker", "units", *(f"{side} mean ± std" for side in sides)]
     if paired:
         columns += ["finetuned - base", f"{100 * report['confidence']:g}% CI"]
