@@ -391,14 +391,14 @@ def print_report(report: Mapping[str, Any], console: Console) -> None:
     sides = list(report["sides"])
     paired = report["ci_method"] is not None
     subset = f"{prompts['count']} of {prompts['total']} (--limit)" if prompts.get("limit") else f"{prompts['count']}"
-    lines = [f"prompts  {prompts['set']}: {subset} prompts x seeds {seeds_text(seeds)} = "
+    lines = [f"prompts   {prompts['set']}: {subset} prompts x seeds {seeds_text(seeds)} = "
              f"{report['images_per_side']} images per side, on {report['device']}"]
-    lines += [f"{side:<9}{label}" for side, label in report["sides"].items()]
+    lines += [f"{side:<10}{label}" for side, label in report["sides"].items()]
     units = ", ".join(f"{name} {entry['units']}" for name, entry in report["rankers"].items())
-    lines.append(f"units    {units}")
+    lines.append(f"units     {units}")
     if paired:
         confidence = f"{100 * report['confidence']:g}%"
-        lines.append(f"change   finetuned - base, mean over (prompt, seed) pairs; {confidence} interval: "
+        lines.append(f"change    finetuned - base, mean over (prompt, seed) pairs; {confidence} interval: "
                      f"Student t over prompts of each prompt's mean difference across its seeds")
     for line in lines:
         console.print(line, highlight=False, markup=False, soft_wrap=True)

@@ -4,7 +4,6 @@ sample and eval drawing the same noise, one-line errors for bad input, and the m
 
 import json
 import math
-import os
 import re
 from pathlib import Path
 
@@ -21,8 +20,6 @@ from drpo_cli.main import app
 from drpo_clip_rankers.testing import build_tiny_rankers
 from drpo_core import hookimpl
 from drpo_core import registry as registry_module
-from drpo_core.checkpoint import save_checkpoint
-from drpo_core.config import resolve_config
 from drpo_core.context import BuildContext
 from drpo_core.interfaces import Units
 from drpo_core.noise import protocol_noise
@@ -31,6 +28,7 @@ from drpo_core.prompts import PromptRecord
 from drpo_core.report import EvalRanker, build_report, paired_difference, select_prompts
 from drpo_core.runs import load_generator
 from drpo_core.testing import BrightnessRanker
+from drpo_diffusers.testing import make_tiny_run
 from tests.conftest import make_registry
 
 HPS_DATA = Path(__file__).parent / "data" / "hpsv2"
@@ -160,32 +158,8 @@ def ranker_flags(tiny):
 
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory, tiny_dirs, registry):
-    """A run of the tiny SD-Turbo whose recipe names the pipeline by a relative path, with one checkpoint of
-    random LoRA weights (so the fine-tune differs from its base)."""
-    root = tmp_path_factory.mktemp("eval-run")
-    (root / "prompts.txt").write_text("\n".join(PROMPTS) + "\n")
-    recipe = {
-        "generator": {"name": "sd-turbo", "model": os.path.relpath(tiny_dirs["sd"], root), "resolution": 32,
-                      "lora_rank": 4, "lora_alpha": 8},
-        "rankers": ["brightness"], "features": "latent",
-        "selection": {"candidates": 4, "positives": 1, "negatives": 1},
-        "train": {"steps": 1, "mixed_precision": "no"},
-        "prompts": {"path": "prompts.txt", "eval_count": 1}, "log": {"progress": False}, "output_dir": "run",
-    }
-    (root / "recipe.yaml").write_text(yaml.safe_dump(recipe))
-    resolved = resolve_config(root / "recipe.yaml")
-    generator = registry.build("generator", "sd-turbo", resolved.options["generator"],
-                               BuildContext(config_dir=resolved.config_dir), "generator")
-    draw = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for parameter in generator.trainable_parameters():
-            parameter.copy_(0.3 * torch.randn(parameter.shape, generator=draw))
-    run = root / "run"
-    run.mkdir()
-    (run / "config.yaml").write_text(resolved.portable_yaml())
-    save_checkpoint(run, 1, trainable=generator.trainable_state_dict(), optimizer_state={}, scheduler_state={},
-                    state={}, config_text=resolved.portable_yaml())
-    return run
+    """A run of the tiny SD-Turbo with random LoRA weights, its recipe naming the pipeline by a relative path."""
+    return make_tiny_run(tmp_path_factory.mktemp("eval-run"), tiny_dirs["sd"], PROMPTS)
 
 
 def expected_scores(run, options, registry):
@@ -239,7 +213,7 @@ def test_eval_of_a_run_reports_both_sides_in_paper_units(tiny_run, tiny_rankers,
     assert grouped["units"] == "x10" and set(grouped["groups"]) == {"blue", "red"}
     assert grouped["groups"]["red"]["base"]["n"] == 4 and grouped["groups"]["blue"]["ci_low"] is None
     stdout = result.stdout
-    assert "units    pickscore x100, clip x100, aesthetic raw, hpsv2 x100, tiny-grouped x10" in stdout
+    assert "units     pickscore x100, clip x100, aesthetic raw, hpsv2 x100, tiny-grouped x10" in stdout
     assert "Student t over prompts" in stdout and "finetuned - base" in stdout
     assert f"{report['rankers']['pickscore']['diff']:+.3g}" in stdout
 
