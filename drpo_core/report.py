@@ -53,6 +53,8 @@ from drpo_core.sources import check_scores
 PAPER_RANKERS = ("pickscore", "clip", "aesthetic", "hpsv2")
 #: the paper's seeds per prompt (method.md §10)
 PAPER_SEEDS = "42-46"
+#: the paper's Pick-a-Pic v2 test prompts (the released code's default test file)
+DEFAULT_PROMPTS = "pickscore-test"
 CONFIDENCE = 0.95
 CI_METHOD = "paired by (prompt, seed); Student t over prompts of each prompt's mean difference across its seeds"
 #: the prompt sets shipped in the source tree's ``data/`` folder (data/README.md: provenance and licences)
@@ -135,6 +137,11 @@ def eval_seeds(text: str) -> list[int]:
         raise DrpoError(f"--seeds: {max(seeds)} is too large (the noise key seed*10^6+prompt_id needs seeds "
                         f"below {MAX_SEED:.0e})")
     return list(seeds)
+
+
+def check_batch_size(batch_size: int) -> None:
+    if batch_size < 1:
+        raise DrpoError(f"--batch-size must be at least 1, got {batch_size}")
 
 
 def seeds_text(seeds: Sequence[int]) -> str:

@@ -263,6 +263,8 @@ BAD = [
     (["--generator", "tiny", "--seeds", "42,43,42"], "--seeds: seed 42 is given twice"),
     (["--generator", "tiny", "--seeds", "10000000000000"], "--seeds: 10000000000000 is too large"),
     (["--generator", "tiny", "--limit", "0"], "--limit must be at least 1, got 0"),
+    (["--generator", "tiny", "--batch-size", "0"], "--batch-size must be at least 1, got 0"),
+    (["m.jsonl", "--limit", "2"], "m.jsonl: a manifest's images are made already; --prompts, --limit, --seeds do not"),
     (["--generator", "tiny", "--device", "tpu"], "--device: unknown device 'tpu'"),
     (["empty"], "empty holds no config.yaml: it is not a drpo run directory"),
     (["unweighted"], "unweighted holds no trained weights yet (no checkpoint in unweighted/checkpoints)"),

@@ -169,7 +169,7 @@ def config_validate(file: Annotated[Path | None, typer.Argument(help="YAML recip
 DeviceOpt = Annotated[str, typer.Option(help="auto (cuda if torch sees a GPU, else mps, else cpu), cpu, cuda, cuda:N, mps.")]
 SeedsOpt = Annotated[str, typer.Option(help="Seeds per prompt: 42-46 (the paper's) or 1,5,9.")]
 LimitOpt = Annotated[int | None, typer.Option(help="Only N prompts, a seeded subset (quick runs).")]
-BatchOpt = Annotated[int, typer.Option("--batch-size", min=1, help="(prompt, seed) images generated at once.")]
+BatchOpt = Annotated[int, typer.Option("--batch-size", help="(prompt, seed) images generated at once.")]
 
 
 @app.command()
@@ -182,10 +182,11 @@ def sample(prompts: Annotated[str, typer.Option("--prompts", help="pickscore-tes
     """Generate images for prompts x seeds (the noise `drpo eval` draws), with a manifest `drpo eval` reads."""
     from drpo_core.config import read_yaml
     from drpo_core.preflight import resolve_device
-    from drpo_core.report import eval_seeds, select_prompts
+    from drpo_core.report import check_batch_size, eval_seeds, select_prompts
     from drpo_core.runs import base_generator, check_out_dir, check_run_weights, load_generator, sample_images
 
     device = resolve_device(device)  # the cheap checks first: nothing loads for a bad input
+    check_batch_size(batch_size)
     check_out_dir(out)
     selection = select_prompts(prompts, limit)
     seed_list = eval_seeds(seeds)
@@ -212,9 +213,12 @@ def evaluate(target: Annotated[Path | None, typer.Argument(
              assignments: Annotated[list[str] | None, typer.Option(
                  "--set", help="rankers.NAME.KEY=VALUE (a ranker's options, e.g. rankers.pickscore.model=DIR) or "
                                "generator.KEY=VALUE (with --generator); repeatable.")] = None,
-             prompts: Annotated[str, typer.Option(help="pickscore-test, parti, geneval or a prompt file.")]
-             = "pickscore-test",
-             limit: LimitOpt = None, seeds: SeedsOpt = "42-46", device: DeviceOpt = "auto", batch_size: BatchOpt = 8,
+             prompts: Annotated[str | None, typer.Option(
+                 help="pickscore-test (default), parti, geneval or a prompt file.")] = None,
+             limit: LimitOpt = None,
+             seeds: Annotated[str | None, typer.Option(help="Seeds per prompt: 42-46 (default, the paper's) or 1,5,9.")]
+             = None,
+             device: DeviceOpt = "auto", batch_size: BatchOpt = 8,
              checkpoint: Annotated[str, typer.Option(help="The run's checkpoint: latest or a step.")] = "latest",
              json_path: Annotated[Path | None, typer.Option("--json", help="Write the full results here.")] = None):
     """Score base and fine-tuned images in the paper's units: mean ± std per ranker, the paired difference with
@@ -224,8 +228,11 @@ def evaluate(target: Annotated[Path | None, typer.Argument(
     from drpo_core.context import BuildContext
     from drpo_core.preflight import resolve_device
     from drpo_core.report import (
+        DEFAULT_PROMPTS,
         PAPER_RANKERS,
+        PAPER_SEEDS,
         build_rankers,
+        check_batch_size,
         check_rankers,
         eval_seeds,
         evaluate_generators,
@@ -236,6 +243,7 @@ def evaluate(target: Annotated[Path | None, typer.Argument(
     from drpo_core.runs import check_out_dir, eval_sides, evaluate_manifest, read_manifest
 
     device = resolve_device(device)  # every cheap check before anything loads
+    check_batch_size(batch_size)
     names = rankers or list(PAPER_RANKERS)
     generator_lines, ranker_options = split_assignments(assignments or [], names)
     ranker_options = check_rankers(names, ranker_options)
@@ -245,13 +253,14 @@ def evaluate(target: Annotated[Path | None, typer.Argument(
             raise DrpoError(f"--json {json_path} is a folder")
     context = BuildContext(device=device)
     if target is not None and target.suffix == ".jsonl":
-        if generator or generator_lines:
-            raise DrpoError(f"{target}: a manifest's images are made already; --generator and --set generator.* "
-                            "do not apply")
+        given = [flag for flag, value in (("--generator", generator or generator_lines), ("--prompts", prompts),
+                                          ("--limit", limit), ("--seeds", seeds)) if value]
+        if given:
+            raise DrpoError(f"{target}: a manifest's images are made already; {', '.join(given)} do not apply")
         read_manifest(target)
         result = evaluate_manifest(target, build_rankers(names, ranker_options, context), device=device)
     else:
-        selection, seed_list = select_prompts(prompts, limit), eval_seeds(seeds)
+        selection, seed_list = select_prompts(prompts or DEFAULT_PROMPTS, limit), eval_seeds(seeds or PAPER_SEEDS)
         model, sides = eval_sides(target, generator, generator_lines, checkpoint, device)
         model.check_prompts(list(dict.fromkeys(r.text for r in selection.records)))
         built = build_rankers(names, ranker_options, context)
