@@ -417,7 +417,7 @@ def print_report(report: Mapping[str, Any], console: Console) -> None:
         table.add_row(name, entry["units"], *_cells(entry, sides, paired))
         for group, values in entry.get("groups", {}).items():
             table.add_row(f"  {group}", "", *_cells(values, sides, paired))
-    console.print(table)
+    console.print(table, width=None if console.is_terminal else 160)  # a log file gets whole rows
     if "seconds" in report:
         console.print(f"{report['seconds']:.1f} s", highlight=False)
 
