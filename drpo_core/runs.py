@@ -7,7 +7,7 @@ import math
 import os
 import platform
 import subprocess
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -30,7 +30,23 @@ from drpo_core.jsonl import read_jsonl
 from drpo_core.noise import protocol_noise
 from drpo_core.prompts import PromptRecord
 from drpo_core.registry import get_registry
-from drpo_core.report import Render, build_report, checked_scores, render
+from drpo_core.report import (
+    DEFAULT_PROMPTS,
+    PAPER_RANKERS,
+    PAPER_SEEDS,
+    Progress,
+    Render,
+    build_rankers,
+    build_report,
+    check_batch_size,
+    check_rankers,
+    checked_scores,
+    eval_seeds,
+    evaluate_generators,
+    render,
+    select_prompts,
+    split_assignments,
+)
 from drpo_core.sources import load_image
 
 
@@ -68,6 +84,41 @@ def base_generator(reference: str, assignments: list[str], device: str = "cpu") 
     precision = "fp16" if device.startswith("cuda") else "no"
     return get_registry().build("generator", reference, options,
                                 BuildContext(device=device, mixed_precision=precision), "generator")
+
+
+def evaluate_target(target: Path | None, *, generator: str | None, rankers: Sequence[str],
+                    assignments: Sequence[str], prompts: str | None, limit: int | None, seeds: str | None,
+                    device: str, batch_size: int, checkpoint: str = "latest", json_path: Path | None = None,
+                    progress: Callable[[int], Progress] | None = None) -> dict[str, Any]:
+    """``drpo eval``: the report (:func:`drpo_core.report.build_report`) of a run directory (its ``checkpoint``
+    against its base), a base ``generator`` alone, or the images of a manifest (``target`` ending in ``.jsonl``).
+
+    ``device`` is one this machine has (:func:`drpo_core.preflight.resolve_device` checks it). Every other input
+    is checked before anything loads: the rankers (names and ``--set rankers.NAME.KEY=VALUE`` options; the
+    paper's four when none is named), the prompts and seeds, the run's weights, where ``json_path`` goes.
+    ``progress(total)`` returns a callback told how many (prompt, seed) pairs each batch finished."""
+    check_batch_size(batch_size)
+    names = list(rankers) or list(PAPER_RANKERS)
+    generator_lines, ranker_options = split_assignments(assignments, names)
+    ranker_options = check_rankers(names, ranker_options)
+    if json_path is not None:
+        check_out_dir(json_path.parent, "--json")
+        if json_path.is_dir():
+            raise DrpoError(f"--json {json_path} is a folder")
+    context = BuildContext(device=device)
+    if target is not None and target.suffix == ".jsonl":
+        given = [flag for flag, value in (("--generator", generator or generator_lines), ("--prompts", prompts),
+                                          ("--limit", limit), ("--seeds", seeds)) if value]
+        if given:
+            raise DrpoError(f"{target}: a manifest's images are made already; {', '.join(given)} do not apply")
+        read_manifest(target)
+        return evaluate_manifest(target, build_rankers(names, ranker_options, context), device=device)
+    selection, seed_list = select_prompts(prompts or DEFAULT_PROMPTS, limit), eval_seeds(seeds or PAPER_SEEDS)
+    model, sides = eval_sides(target, generator, generator_lines, checkpoint, device)
+    model.check_prompts(list(dict.fromkeys(r.text for r in selection.records)))
+    built = build_rankers(names, ranker_options, context)
+    advance = progress(len(selection.records) * len(seed_list)) if progress is not None else None
+    return evaluate_generators(sides, model, selection, seed_list, built, batch_size=batch_size, progress=advance)
 
 
 def eval_sides(run_dir: Path | None, generator: str | None, generator_lines: list[str], checkpoint: str,

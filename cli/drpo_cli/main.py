@@ -225,50 +225,21 @@ def evaluate(target: Annotated[Path | None, typer.Argument(
     a 95% interval (over prompts), per group too; a table, and JSON with --json."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemainingColumn
 
-    from drpo_core.context import BuildContext
     from drpo_core.preflight import resolve_device
-    from drpo_core.report import (
-        DEFAULT_PROMPTS,
-        PAPER_RANKERS,
-        PAPER_SEEDS,
-        build_rankers,
-        check_batch_size,
-        check_rankers,
-        eval_seeds,
-        evaluate_generators,
-        print_report,
-        select_prompts,
-        split_assignments,
-    )
-    from drpo_core.runs import check_out_dir, eval_sides, evaluate_manifest, read_manifest
+    from drpo_core.report import print_report
+    from drpo_core.runs import evaluate_target
 
-    device = resolve_device(device)  # every cheap check before anything loads
-    check_batch_size(batch_size)
-    names = rankers or list(PAPER_RANKERS)
-    generator_lines, ranker_options = split_assignments(assignments or [], names)
-    ranker_options = check_rankers(names, ranker_options)
-    if json_path is not None:
-        check_out_dir(json_path.parent, "--json")
-        if json_path.is_dir():
-            raise DrpoError(f"--json {json_path} is a folder")
-    context = BuildContext(device=device)
-    if target is not None and target.suffix == ".jsonl":
-        given = [flag for flag, value in (("--generator", generator or generator_lines), ("--prompts", prompts),
-                                          ("--limit", limit), ("--seeds", seeds)) if value]
-        if given:
-            raise DrpoError(f"{target}: a manifest's images are made already; {', '.join(given)} do not apply")
-        read_manifest(target)
-        result = evaluate_manifest(target, build_rankers(names, ranker_options, context), device=device)
-    else:
-        selection, seed_list = select_prompts(prompts or DEFAULT_PROMPTS, limit), eval_seeds(seeds or PAPER_SEEDS)
-        model, sides = eval_sides(target, generator, generator_lines, checkpoint, device)
-        model.check_prompts(list(dict.fromkeys(r.text for r in selection.records)))
-        built = build_rankers(names, ranker_options, context)
-        with Progress("{task.description}", BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-                      console=Console(stderr=True), transient=True) as progress:
-            task = progress.add_task("(prompt, seed) pairs", total=len(selection.records) * len(seed_list))
-            result = evaluate_generators(sides, model, selection, seed_list, built, batch_size=batch_size,
-                                         progress=lambda n: progress.advance(task, n))
+    device = resolve_device(device)  # the cheap checks first: nothing loads for a bad input
+    with Progress("{task.description}", BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                  console=Console(stderr=True), transient=True) as bar:
+
+        def progress(total: int):
+            task = bar.add_task("(prompt, seed) pairs", total=total)
+            return lambda done: bar.advance(task, done)
+
+        result = evaluate_target(target, generator=generator, rankers=rankers or [], assignments=assignments or [],
+                                 prompts=prompts, limit=limit, seeds=seeds, device=device, batch_size=batch_size,
+                                 checkpoint=checkpoint, json_path=json_path, progress=progress)
     print_report(result, console)
     if json_path is not None:
         json_path.parent.mkdir(parents=True, exist_ok=True)
