@@ -142,6 +142,20 @@ class Ranker(ABC):
 
 
 @dataclass(frozen=True)
+class Units:
+    """How ``drpo eval`` reports a ranker's scores: ``scale`` times the raw score, named ``label`` in its
+    tables (the paper prints PickScore x100, ImageReward x10, aesthetic raw). Declared once, at the ranker's
+    registration (``register(..., units=Units(100))``); a ranker without it is reported raw."""
+
+    scale: float = 1.0
+    #: what the table header says; default ``x100`` for a scale of 100, ``raw`` for 1
+    label: str = ""
+
+    def __str__(self) -> str:
+        return self.label or ("raw" if self.scale == 1 else f"x{self.scale:g}")
+
+
+@dataclass(frozen=True)
 class FeatureContext:
     """What the loop knows about the rows of a batch handed to ``FeatureSpace.features``."""
 
