@@ -24,7 +24,6 @@ import drpo_imagereward
 from drpo_core.context import BuildContext
 from drpo_core.errors import ComponentError, ConfigError, PluginError
 from drpo_imagereward import model as imagereward
-from drpo_imagereward.ranker import ImageRewardRanker
 from tests.conftest import make_registry
 
 DATA = Path(__file__).parent / "data" / "imagereward"
@@ -66,10 +65,10 @@ def max_error(scores, expected):
 # -- registration and options -------------------------------------------------------------------------------
 
 
-def test_the_plugin_registers_the_ranker_with_its_paper_scale(registry):
+def test_the_plugin_registers_the_ranker_with_its_paper_units(registry):
     assert registry.get("ranker", "imagereward").name == "imagereward"
     assert registry.get("ranker", "image_reward").name == "imagereward"
-    assert ImageRewardRanker.paper_scale == 10.0
+    assert registry.get("ranker", "imagereward").units.scale == 10.0  # the paper's "ImageReward x 10"
     options = registry.validate_options("ranker", "imagereward", {"device": "cuda:1", "dtype": "bf16",
                                                                  "batch_size": 4}, "r")
     assert (options.device, options.dtype, options.batch_size, options.model) == ("cuda:1", "bf16", 4,

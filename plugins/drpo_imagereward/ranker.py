@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -41,9 +41,6 @@ class ImageRewardRanker(ClipFamilyRanker):
     differentiable path does the same on tensors. Prompts are tokenised with [CLS] first, padded and cut to 35
     tokens.
     """
-
-    #: the paper's tables print ImageReward x10 ("IR denotes ImageReward x 10")
-    paper_scale: ClassVar[float] = 10.0
 
     def __init__(self, name: str, model: imagereward.ImageRewardModel, tokenizer: BertTokenizer, *,
                  device: torch.device, dtype: torch.dtype, batch_size: int) -> None:
