@@ -105,7 +105,8 @@ def load_backbone(weights: dict[str, torch.Tensor], config: Qwen2VLConfig, devic
     embed = weights.get("language_model.embed_tokens.weight")
     if embed is None:
         raise PluginError("the HPSv3 checkpoint has no token embedding (model.embed_tokens.weight)")
-    config.text_config.vocab_size = int(embed.shape[0])
+    text_config: Any = config.text_config
+    text_config.vocab_size = int(embed.shape[0])
     with init_empty_weights(include_buffers=False):
         model: Any = Qwen2VLModel._from_config(config, attn_implementation="sdpa")
     expected = set(model.state_dict())

@@ -38,7 +38,9 @@ class HPSv3Ranker(Ranker):
                  patching: ImagePatching, device: torch.device, dtype: torch.dtype, batch_size: int) -> None:
         self.backbone, self.head, self.tokenizer = backbone, head, tokenizer
         self.patching, self.device, self.dtype, self.batch_size = patching, device, dtype, batch_size
-        self.reward_token_id = int(tokenizer.convert_tokens_to_ids(REWARD_TOKEN))
+        reward_token_id = tokenizer.convert_tokens_to_ids(REWARD_TOKEN)
+        assert isinstance(reward_token_id, int)  # one token in, one id out
+        self.reward_token_id = reward_token_id
         self.image_token_id = int(backbone.config.image_token_id)
         self.pad_token_id = int(tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0)
 

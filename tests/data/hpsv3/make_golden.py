@@ -108,10 +108,9 @@ def stub_training_only_packages() -> list[str]:
 
 def build_tokenizer(directory: Path) -> None:
     """A small byte-level BPE with Qwen2's normaliser, pre-tokeniser and decoder, trained on the prompt text."""
+    from hpsv3.dataset.data_collator_qwen import INSTRUCTION, prompt_with_special_token
     from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
-
-    from hpsv3.dataset.data_collator_qwen import INSTRUCTION, prompt_with_special_token
 
     tokenizer = Tokenizer(models.BPE())
     tokenizer.normalizer = normalizers.NFC()
@@ -136,7 +135,12 @@ def build_tokenizer(directory: Path) -> None:
 
 def build_base(directory: Path) -> None:
     """The tiny Qwen2-VL (4.45 layout, seeded random weights), its processor and tokenizer."""
-    from transformers import AutoTokenizer, Qwen2VLConfig, Qwen2VLForConditionalGeneration, Qwen2VLImageProcessor
+    from transformers import (
+        AutoTokenizer,
+        Qwen2VLConfig,
+        Qwen2VLForConditionalGeneration,
+        Qwen2VLImageProcessor,
+    )
 
     build_tokenizer(directory)
     tokenizer = AutoTokenizer.from_pretrained(directory)
@@ -167,9 +171,8 @@ def build_base(directory: Path) -> None:
 
 def upstream_config(base: Path, out: Path) -> Path:
     """Upstream's HPSv3_7B.yaml, pointed at the tiny base, float32 on the CPU, SDPA."""
-    import yaml
-
     import hpsv3
+    import yaml
 
     config = yaml.safe_load((Path(hpsv3.__file__).parent / "config" / "HPSv3_7B.yaml").read_text())
     config.update(model_name_or_path=str(base), bf16=False, torch_dtype="float32", disable_flash_attn2=True,
@@ -198,10 +201,15 @@ def make_images() -> list[Path]:
 def main() -> None:
     import_upstream_with_stubs()
     import safetensors.torch
-
     from hpsv3 import HPSv3RewardInferencer
     from hpsv3.train import create_model_and_processor
-    from hpsv3.utils.parser import DataConfig, ModelConfig, PEFTLoraConfig, TrainingConfig, parse_args_with_yaml
+    from hpsv3.utils.parser import (
+        DataConfig,
+        ModelConfig,
+        PEFTLoraConfig,
+        TrainingConfig,
+        parse_args_with_yaml,
+    )
 
     torch.set_num_threads(1)
     base = HERE / "base"
@@ -232,7 +240,7 @@ def main() -> None:
         with torch.no_grad():
             batch = inferencer.prepare_batch(images, PROMPTS)
             batched = inferencer.reward(images, PROMPTS)
-            single = torch.cat([inferencer.reward([image], [prompt]) for image, prompt in zip(images, PROMPTS)])
+            single = torch.cat([inferencer.reward([image], [prompt]) for image, prompt in zip(images, PROMPTS, strict=True)])
             # the same image under every prompt, and every image under one prompt
             crossed = torch.stack([inferencer.reward([images[0]] * len(PROMPTS), PROMPTS)[:, 0],
                                    inferencer.reward(images, [PROMPTS[1]] * len(images))[:, 0]])
@@ -244,7 +252,7 @@ def main() -> None:
         "images": [Path(p).name for p in images],
         "reward_token_id": int(inferencer.processor.tokenizer.convert_tokens_to_ids("<|Reward|>")),
         "padding_side": inferencer.processor.tokenizer.padding_side,
-        "input_ids": [row[mask.bool()].tolist() for row, mask in zip(batch["input_ids"], batch["attention_mask"])],
+        "input_ids": [row[mask.bool()].tolist() for row, mask in zip(batch["input_ids"], batch["attention_mask"], strict=True)],
         "padded_length": int(batch["input_ids"].shape[1]),
         "image_grid_thw": batch["image_grid_thw"].tolist(),
         "batched": batched.tolist(),
