@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
@@ -155,6 +156,38 @@ def test_patch_layout_by_hand():
     frames = rows.view(4, 3, 2, 14, 14)
     assert torch.equal(frames[:, :, 0], frames[:, :, 1])
     assert frames[2, 2, 0, 0, 0].item() == 2000  # patch (y 1, x 0), channel 2, column 0
+
+
+# -- the differentiable path --------------------------------------------------------------------------------
+
+
+def test_the_tensor_path_equals_the_picture_path_without_resizing(ranker):
+    # 8-bit images already 448x448: no resize, so the two paths differ only in float rounding
+    pictures = [ImagePatching().resized(golden_pictures()[0])] * 2
+    images = torch.stack([torch.from_numpy(np.array(p)).permute(2, 0, 1).float() / 255 for p in pictures])
+    prompts = GOLDEN["prompts"][:2]
+    pixels, grid = ranker.patching.tensor_pixel_values(images)
+    torch.testing.assert_close(pixels, ranker.inputs(pictures, prompts)["pixel_values"], rtol=0, atol=1e-5)
+    with torch.no_grad():
+        tensor_scores = ranker.score_differentiable(images, prompts)
+    torch.testing.assert_close(tensor_scores, ranker.rewards(pictures, prompts)[:, 0], rtol=0, atol=SCORE_TOLERANCE)
+
+
+def smooth_images(n, height, width, seed=0):
+    coarse = torch.rand(n, 3, 8, 8, generator=torch.Generator().manual_seed(seed))
+    return F.interpolate(coarse, size=(height, width), mode="bicubic", align_corners=False).clamp(0, 1)
+
+
+def test_gradients_reach_the_images(ranker):
+    images = smooth_images(2, 512, 512).requires_grad_(True)  # resized to 448x448 on the way
+    prompts = GOLDEN["prompts"][:2]
+    scores = ranker.score_differentiable(images, prompts)
+    scores.sum().backward()
+    assert images.grad is not None and images.grad.isfinite().all() and images.grad[1].abs().sum() > 0
+    # antialiased bicubic on the float tensor versus PIL's bicubic on the 8-bit picture: close, not equal
+    # (measured 0.022 on this random tiny model, whose scores move by ~1 between prompts)
+    gap = (scores.detach() - ranker.score(images.detach(), prompts, [None, None])).abs().max().item()
+    assert 0 < gap < 0.05
 
 
 # -- checkpoint layouts, options, one-line errors ------------------------------------------------------------

@@ -144,6 +144,23 @@ class ImagePatching:
         rows, grids = zip(*(self.patches(self.resized(p)) for p in pictures), strict=True)
         return torch.cat(rows), torch.tensor(grids, dtype=torch.long)
 
+    def tensor_pixel_values(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The differentiable path, for float images ``(B, 3, H, W)`` in [0, 1]: what upstream's
+        ``differentiable=True`` inferencer does to tensors (torchvision's antialiased bicubic resize, i.e.
+        ``F.interpolate(bicubic, antialias=True)``, no 8-bit rounding, no clamp), then normalise and patch.
+        Gradients flow to ``images``."""
+        import torch.nn.functional as F
+
+        height, width = smart_resize(images.shape[-2], images.shape[-1], self.factor, self.min_pixels,
+                                     self.max_pixels)
+        x = images.float()
+        if (height, width) != tuple(x.shape[-2:]):
+            x = F.interpolate(x, size=(height, width), mode="bicubic", antialias=True, align_corners=False)
+        mean = torch.tensor(CLIP_MEAN, device=x.device)[:, None, None]
+        std = torch.tensor(CLIP_STD, device=x.device)[:, None, None]
+        rows, grids = zip(*(self.patchify((image - mean) / std) for image in x), strict=True)
+        return torch.cat(rows), torch.tensor(grids, dtype=torch.long)
+
 
 def prompt_text(prompt: str, image_tokens: int) -> str:
     """The chat text of one (image, prompt), the image placeholder already expanded."""

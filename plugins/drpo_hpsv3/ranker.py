@@ -33,6 +33,8 @@ class HPSv3Ranker(Ranker):
 
     #: the paper's unit for evaluation tables: raw ``mu``
     paper_scale: ClassVar[float] = 1.0
+    #: ``score_differentiable`` back-propagates to the images (DRaFT-style baselines; DrPO never does)
+    differentiable: ClassVar[bool] = True
 
     def __init__(self, backbone: Qwen2VLModel, head: RewardHead, tokenizer: PreTrainedTokenizerBase, *,
                  patching: ImagePatching, device: torch.device, dtype: torch.dtype, batch_size: int) -> None:
@@ -60,11 +62,27 @@ class HPSv3Ranker(Ranker):
                 scores[chunk] = self._checked(out, len(chunk)).cpu()
         return scores
 
+    def score_differentiable(self, images: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
+        """``(B,)`` float32 ``mu`` through tensor resizing (:meth:`ImagePatching.tensor_pixel_values`: no 8-bit
+        rounding, antialiased bicubic as upstream's differentiable path), differentiable with respect to
+        ``images`` when grad is enabled; on the ranker's device."""
+        self._check_inputs(images, prompts)
+        out = []
+        for start in range(0, len(images), self.batch_size):
+            chunk = images[start:start + self.batch_size].to(self.device)
+            pixel_values, grid = self.patching.tensor_pixel_values(chunk)
+            batch = self.batch(pixel_values, grid, prompts[start:start + self.batch_size])
+            out.append(self.forward(batch)[:, 0])
+        return torch.cat(out)
+
     # -- the model
 
     def inputs(self, pictures: Sequence[Any], prompts: Sequence[str]) -> dict[str, torch.Tensor]:
         """The model inputs of (picture, prompt) pairs, on the ranker's device."""
-        pixel_values, grid = self.patching.pixel_values(pictures)
+        return self.batch(*self.patching.pixel_values(pictures), prompts)
+
+    def batch(self, pixel_values: torch.Tensor, grid: torch.Tensor, prompts: Sequence[str]) -> dict[str, torch.Tensor]:
+        """The model inputs of patch rows (``image_grid_thw`` ``grid``) and their prompts."""
         merged = grid.prod(dim=1) // self.patching.merge_size ** 2
         texts = [prompt_text(p, int(n)) for p, n in zip(prompts, merged, strict=True)]
         tokens = self.tokenizer(texts, padding=True, padding_side="right", return_tensors="pt")
@@ -74,8 +92,12 @@ class HPSv3Ranker(Ranker):
                 "mm_token_type_ids": (input_ids == self.image_token_id).int().to(self.device)}
 
     def rewards(self, pictures: Sequence[Any], prompts: Sequence[str]) -> torch.Tensor:
-        """``(B, 2)`` float32 ``(mu, sigma)``, as upstream's ``HPSv3RewardInferencer.reward``."""
-        batch = self.inputs(pictures, prompts)
+        """``(B, 2)`` float32 ``(mu, sigma)`` of 8-bit pictures, as upstream's ``HPSv3RewardInferencer.reward``
+        scores image files."""
+        return self.forward(self.inputs(pictures, prompts))
+
+    def forward(self, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """``(B, 2)`` float32 ``(mu, sigma)`` of model inputs."""
         input_ids = batch["input_ids"]
         size, length = input_ids.shape
         positions = torch.arange(length, device=self.device).view(1, 1, length).expand(3, size, length)
