@@ -3,8 +3,8 @@ tests/data/hpsv3/make_golden.py computed with upstream's own inference code (hps
 4.45.2) on a tiny Qwen2-VL with seeded random weights; our port loads the same weights (upstream's key
 layout) on current transformers and must give the same token ids, pixels and (mu, sigma).
 
-Tolerances: scores 1e-4 (the issue's bar; measured at most 1.5e-5, float32 on the CPU, other attention kernels);
-pixel values 1e-5 (measured: identical).
+Tolerances: scores 1e-4 (the issue's bar; measured at most 6.7e-6, float32 on the CPU, other attention
+kernels); pixel values 1e-5 (measured: identical); bf16 against upstream's bf16 run 0.15 (measured 0.070).
 """
 
 import json
@@ -79,7 +79,7 @@ def test_a_padded_batch_of_mixed_length_prompts_scores_as_upstream(ranker):
     torch.testing.assert_close(rewards, torch.tensor(GOLDEN["batched"]), rtol=0, atol=SCORE_TOLERANCE)
     assert rewards.dtype == torch.float32
     # the scores are far apart relative to the tolerance: the comparison means something
-    assert torch.tensor(GOLDEN["batched"])[:, 0].diff().abs().min() > 0.5
+    assert torch.tensor(GOLDEN["batched"])[:, 0].diff().abs().min() > 0.1
 
 
 def test_one_by_one_scores_as_upstream_and_as_in_a_batch(ranker):
@@ -185,7 +185,7 @@ def test_gradients_reach_the_images(ranker):
     scores.sum().backward()
     assert images.grad is not None and images.grad.isfinite().all() and images.grad[1].abs().sum() > 0
     # antialiased bicubic on the float tensor versus PIL's bicubic on the 8-bit picture: close, not equal
-    # (measured 0.022 on this random tiny model, whose scores move by ~1 between prompts)
+    # (measured 0.009 on this random tiny model, whose scores move by ~0.4 between prompts)
     gap = (scores.detach() - ranker.score(images.detach(), prompts, [None, None])).abs().max().item()
     assert 0 < gap < 0.05
 
@@ -220,6 +220,17 @@ def test_dtypes_devices_and_paper_scale(registry, ranker):
 
     assert pick_dtype("auto", torch.device("cuda:1")) == torch.bfloat16
     assert pick_dtype("auto", torch.device("cpu")) == torch.float32
+
+
+def test_bf16_scores_near_upstreams_bf16_model(registry):
+    # upstream on GPUs: backbone (rotary buffers included) cast to bf16, head float32. bf16 rounding differs
+    # between the two transformers versions (attention kernels and masks; 4.45 also rounded the vision rotary
+    # angles to bf16), so the bar is loose: measured 0.070 on this model, as far as upstream's own bf16 run is
+    # from its float32 run (0.070); 1-D versus 3-D positions alone move the score by 0.53
+    bf16 = registry.build("ranker", "hpsv3", {**OPTIONS, "dtype": "bf16"}, BuildContext())
+    with torch.no_grad():
+        ours = bf16.rewards(golden_pictures(), GOLDEN["prompts"])
+    torch.testing.assert_close(ours, torch.tensor(GOLDEN["bf16_batched"]), rtol=0, atol=0.15)
 
 
 def test_bad_options_are_refused(registry):

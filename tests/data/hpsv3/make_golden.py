@@ -18,7 +18,8 @@ Environment (throwaway, not the project's), with upstream's pin ``transformers==
 It writes, next to itself: ``base/`` (the tiny Qwen2-VL config, a small byte-level BPE tokenizer with
 Qwen2's pre-tokenizer and special tokens, Qwen2-VL's image-processor config and chat template: what the
 ranker reads from ``Qwen/Qwen2-VL-7B-Instruct``), ``hpsv3_tiny.safetensors`` (the reward model's state
-dict in upstream's transformers-4.45 key layout, like ``MizzenAI/HPSv3``'s ``HPSv3.safetensors``),
+dict in upstream's transformers-4.45 key layout, bf16 backbone and float32 head, like ``MizzenAI/HPSv3``'s
+``HPSv3.safetensors``; the vision tower has one head of width 80, so its rotary frequencies are the 7B's),
 ``images/``, ``golden.json`` (prompts, token ids, (mu, sigma) batched and one by one) and
 ``golden_tensors.safetensors`` (pixel-value checks).
 """
@@ -36,7 +37,7 @@ import torch
 from PIL import Image
 
 HERE = Path(__file__).parent
-SEED = 20261129
+SEED = 7
 PROMPTS = [
     "a red fox",
     "a watercolor painting of a lighthouse on a cliff at dawn, soft pastel colors, gulls in the sky",
@@ -150,7 +151,7 @@ def build_base(directory: Path) -> None:
         hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
         max_position_embeddings=4096, rms_norm_eps=1e-6, rope_theta=10000.0, initializer_range=0.1,
         rope_scaling={"type": "mrope", "mrope_section": [1, 1, 2]}, tie_word_embeddings=False,
-        vision_config={"depth": 2, "embed_dim": 16, "hidden_size": 32, "num_heads": 2, "mlp_ratio": 2,
+        vision_config={"depth": 2, "embed_dim": 80, "hidden_size": 32, "num_heads": 1, "mlp_ratio": 2,
                        "patch_size": 14, "spatial_merge_size": 2, "temporal_patch_size": 2, "in_channels": 3},
         image_token_id=ids("<|image_pad|>"), video_token_id=ids("<|video_pad|>"),
         vision_start_token_id=ids("<|vision_start|>"), vision_end_token_id=ids("<|vision_end|>"),
@@ -169,17 +170,35 @@ def build_base(directory: Path) -> None:
         (target / "chat_template.json").write_text(json.dumps({"chat_template": CHAT_TEMPLATE}))
 
 
-def upstream_config(base: Path, out: Path) -> Path:
-    """Upstream's HPSv3_7B.yaml, pointed at the tiny base, float32 on the CPU, SDPA."""
+def upstream_config(base: Path, out: Path, bf16: bool = False) -> Path:
+    """Upstream's HPSv3_7B.yaml, pointed at the tiny base, on the CPU with SDPA; float32, or bf16 as upstream
+    runs on GPUs."""
     import hpsv3
     import yaml
 
     config = yaml.safe_load((Path(hpsv3.__file__).parent / "config" / "HPSv3_7B.yaml").read_text())
-    config.update(model_name_or_path=str(base), bf16=False, torch_dtype="float32", disable_flash_attn2=True,
-                  report_to="none", output_dir=str(out / "output"), dataloader_num_workers=0)
-    path = out / "tiny.yaml"
+    config.update(model_name_or_path=str(base), bf16=bf16, torch_dtype="bfloat16" if bf16 else "float32",
+                  disable_flash_attn2=True, report_to="none", output_dir=str(out / "output"),
+                  dataloader_num_workers=0)
+    path = out / ("tiny-bf16.yaml" if bf16 else "tiny.yaml")
     path.write_text(yaml.safe_dump(config))
     return path
+
+
+def bf16_rewards(base: Path, scratch: Path, images: list[str]) -> torch.Tensor:
+    """The batched rewards of upstream's bf16 model (``training_args.bf16``: backbone and its rotary buffers
+    cast to bf16, the head float32). Upstream computes the head under ``torch.autocast("cuda", float32)``,
+    which on a GPU casts the bf16 hidden states to float32 for the head's matmuls; on the CPU that autocast
+    does nothing, so a pre-hook does the same cast here."""
+    from hpsv3 import HPSv3RewardInferencer
+
+    inferencer = HPSv3RewardInferencer(config_path=str(upstream_config(base / "with-weights", scratch, bf16=True)),
+                                       checkpoint_path=str(HERE / "hpsv3_tiny.safetensors"), device="cpu")
+    assert next(inferencer.model.model.parameters()).dtype == torch.bfloat16
+    assert next(inferencer.model.rm_head.parameters()).dtype == torch.float32
+    inferencer.model.rm_head.register_forward_pre_hook(lambda module, args: tuple(a.float() for a in args))
+    with torch.no_grad():
+        return inferencer.reward(images, PROMPTS)
 
 
 def make_images() -> list[Path]:
@@ -227,7 +246,9 @@ def main() -> None:
         with torch.no_grad():  # a head of std 0.1 everywhere, so the scores spread
             for parameter in model.rm_head.parameters():
                 parameter.normal_(0, 0.3 if parameter.dim() > 1 else 0.1)
-        state = {key: value.contiguous() for key, value in model.state_dict().items()}
+        # as HPSv3.safetensors: the backbone in bf16, the head in float32 (also halves the file)
+        state = {key: value.to(torch.float32 if key.startswith("rm_head.") else torch.bfloat16).contiguous()
+                 for key, value in model.state_dict().items()}
         safetensors.torch.save_file(state, HERE / "hpsv3_tiny.safetensors")
         del model
         import shutil
@@ -244,6 +265,7 @@ def main() -> None:
             # the same image under every prompt, and every image under one prompt
             crossed = torch.stack([inferencer.reward([images[0]] * len(PROMPTS), PROMPTS)[:, 0],
                                    inferencer.reward(images, [PROMPTS[1]] * len(images))[:, 0]])
+        bf16 = bf16_rewards(base, Path(scratch), images)
         shutil.rmtree(base / "with-weights")
 
     pixels = batch["pixel_values"]
@@ -259,6 +281,7 @@ def main() -> None:
         "single": single.tolist(),
         "same_image_every_prompt": crossed[0].tolist(),
         "every_image_one_prompt": crossed[1].tolist(),
+        "bf16_batched": bf16.tolist(),
         "versions": {"transformers": __import__("transformers").__version__, "torch": torch.__version__,
                      "hpsv3": "1.0.0"},
     }
