@@ -5,7 +5,7 @@ Weights: the asset ``hpsv3`` (``MizzenAI/HPSv3``'s ``HPSv3.safetensors``, 16.6 G
 or ``checkpoint: path``; the config and tokenizer of ``base`` (``Qwen/Qwen2-VL-7B-Instruct``; its weights
 are not downloaded). Options ``device`` (``cuda:1`` puts the 7B reward beside, not on, the generator's GPU),
 ``dtype`` (auto: bf16 backbone on CUDA; the head is float32) and ``batch_size``. The score is HPSv3's
-``mu`` (about 0-15 on real images), which the paper's tables print as is (``paper_scale`` 1).
+``mu``, which the paper's tables print as is (``paper_scale`` 1).
 
 :mod:`drpo_hpsv3.processing` builds the inputs (images and chat text), :mod:`drpo_hpsv3.checkpoint` loads
 the checkpoint (key remap, head), :mod:`drpo_hpsv3.ranker` runs the forward pass as upstream did.

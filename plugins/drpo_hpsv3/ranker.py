@@ -29,7 +29,7 @@ if TYPE_CHECKING:
 
 
 class HPSv3Ranker(Ranker):
-    """HPSv3 ``mu`` per image (float32, on the CPU); the paper reports it as is (scale 1, about 0-15)."""
+    """HPSv3 ``mu`` per image (float32, on the CPU); the paper's tables print it unscaled (``paper_scale``)."""
 
     #: the paper's unit for evaluation tables: raw ``mu``
     paper_scale: ClassVar[float] = 1.0
@@ -41,10 +41,10 @@ class HPSv3Ranker(Ranker):
         self.backbone, self.head, self.tokenizer = backbone, head, tokenizer
         self.patching, self.device, self.dtype, self.batch_size = patching, device, dtype, batch_size
         reward_token_id = tokenizer.convert_tokens_to_ids(REWARD_TOKEN)
-        assert isinstance(reward_token_id, int)  # one token in, one id out
+        if not isinstance(reward_token_id, int):
+            raise PluginError(f"ranker 'hpsv3': the tokenizer has no single {REWARD_TOKEN} token")
         self.reward_token_id = reward_token_id
         self.image_token_id = int(backbone.config.image_token_id)
-        self.pad_token_id = int(tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0)
 
     # -- the Ranker API
 
