@@ -285,7 +285,9 @@ def main() -> None:
         "versions": {"transformers": __import__("transformers").__version__, "torch": torch.__version__,
                      "hpsv3": "1.0.0"},
     }
-    (HERE / "golden.json").write_text(json.dumps(golden, indent=1) + "\n")
+    # one key a line: the token ids stay 4 lines, not 4,000
+    (HERE / "golden.json").write_text("{\n" + ",\n".join(f"{json.dumps(k)}: {json.dumps(v)}" for k, v in golden.items())
+                                      + "\n}\n")
     safetensors.torch.save_file({"pixel_row_sums": pixels.sum(dim=1).contiguous(),
                                  "pixel_rows": pixels[::97].contiguous()}, HERE / "golden_tensors.safetensors")
     print(json.dumps({k: golden[k] for k in ("batched", "single", "padded_length")}, indent=1))
