@@ -7,11 +7,13 @@ special token, ``Qwen2VLRewardModelBT.from_pretrained``, ``resize_token_embeddin
 random weights instead of Qwen2-VL-7B. Only packages needed for training are stubbed (deepspeed, trl, peft,
 datasets, fire, matplotlib, pandas, tensorboard), plus torchvision, which the inference path never calls for
 PIL images (``fetch_image`` resizes PIL pictures with PIL) and which cannot be installed beside a CPU torch.
+The one addition is in the bf16 run: a pre-hook casts the head's input to float32, which is what upstream's
+``torch.autocast("cuda", float32)`` does on a GPU and does not do on the CPU (:func:`bf16_rewards`).
 
 Environment (throwaway, not the project's), with upstream's pin ``transformers==4.45.2``::
 
     python3.11 -m venv venv && venv/bin/pip install torch==2.13.0
-    venv/bin/pip install transformers==4.45.2 accelerate safetensors pillow numpy omegaconf pyyaml requests
+    venv/bin/pip install transformers==4.45.2 accelerate safetensors pillow numpy omegaconf pyyaml requests tqdm
     pip download hpsv3==1.0.0 --no-deps --no-binary :all: && tar xzf hpsv3-1.0.0.tar.gz
     PYTHONPATH=hpsv3-1.0.0 venv/bin/python tests/data/hpsv3/make_golden.py
 
