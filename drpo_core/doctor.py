@@ -184,8 +184,8 @@ def examine(name: str, ranker: Any, photos: torch.Tensor | None = None) -> Verdi
         verdict.passed = False
         return verdict
     verdict.scores = batch.tolist()
-    _check_range(ranker, batch, verdict)
     _check_ranking(ranker, batch, verdict)
+    _check_range(ranker, batch, verdict)
     singles = [_scores(ranker, images[i:i + 1], prompts[i:i + 1], verdict, f"scoring image {i} alone")
                for i in range(len(images))]
     if all(s is not None for s in singles):
