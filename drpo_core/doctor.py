@@ -30,9 +30,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from drpo_core.config import _is_local_path as is_local_path
-from drpo_core.config import parse_assignment, ranker_list, read_yaml
+from drpo_core.config import parse_assignment, resolve_config
 from drpo_core.context import BuildContext
-from drpo_core.errors import ConfigError, reason
+from drpo_core.errors import ConfigError, DrpoError, first_line, reason
 from drpo_core.registry import ComponentSpec, Registry, get_registry
 
 if TYPE_CHECKING:
@@ -122,6 +122,8 @@ class DoctorRequest:
     name: str
     options: Mapping[str, Any]
     config_dir: Path
+    #: the recipe's ``train.mixed_precision``: a ranker's ``dtype: auto`` follows it on CUDA, as in training
+    mixed_precision: str = "no"
 
 
 def default_rankers(registry: Registry) -> list[str]:
@@ -143,16 +145,13 @@ def requests(names: Sequence[str], assignments: Sequence[str] = (), recipe: Path
     :func:`default_rankers`."""
     registry = registry or get_registry()
     options: dict[str, dict[str, Any]] = {}
-    config_dir = Path.cwd()
-    if recipe is not None:
-        config_dir = recipe.resolve().parent
-        data = read_yaml(recipe)
-        sections = ranker_list(data.get("rankers") or []) + ranker_list((data.get("eval") or {}).get("rankers") or [])
-        for section in sections:
-            if not isinstance(section, dict) or not isinstance(section.get("name"), str):
-                raise ConfigError(f"{recipe}: rankers: each entry needs a name, got {section!r}")
-            kept = {k: v for k, v in section.items() if k not in ("name", "weight", "timeout")}
-            options.setdefault(section["name"], {}).update(kept)
+    config_dir, precision = Path.cwd(), "no"
+    if recipe is not None:  # the whole recipe is checked, as `drpo train` would
+        resolved = resolve_config(recipe, registry=registry)
+        config_dir, precision = resolved.config_dir, resolved.config.train.mixed_precision
+        for section in [*resolved.config.rankers, *resolved.config.eval.rankers]:
+            options.setdefault(section.name, {}).update(section.options)
+    set_names: list[str] = []
     for line in assignments:
         key, value = parse_assignment(line)
         parts = key.split(".")
@@ -161,15 +160,16 @@ def requests(names: Sequence[str], assignments: Sequence[str] = (), recipe: Path
                               "(e.g. rankers.pickscore.model=/models/PickScore_v1)")
         name, option = ".".join(parts[1:-1]), parts[-1]  # ranker names may hold dots (hpsv2.1)
         options.setdefault(name, {})[option] = value
+        set_names.append(name)
     chosen = list(names) or list(options) or default_rankers(registry)
-    unused = [name for name in options if name not in chosen]
+    unused = [name for name in set_names if name not in chosen]
     if unused:
         raise ConfigError(f"--set rankers.{unused[0]}...: ranker {unused[0]!r} is not among those checked "
                           f"({', '.join(chosen)})")
     out = []
     for name in dict.fromkeys(chosen):
         registry.validate_options("ranker", name, options.get(name, {}), f"rankers.{name}")
-        out.append(DoctorRequest(name, options.get(name, {}), config_dir))
+        out.append(DoctorRequest(name, options.get(name, {}), config_dir, precision))
     return out
 
 
@@ -290,11 +290,12 @@ def run_doctor(checks: Sequence[DoctorRequest], device: str = "cpu", registry: R
                 "not checkable by doctor: binary (0/1) scores need a task's metadata to be correct against; "
                 "check it with `drpo eval` on its own prompts"]))
             continue
-        context = BuildContext(device=device, config_dir=check.config_dir)
+        context = BuildContext(device=device, mixed_precision=check.mixed_precision, config_dir=check.config_dir)
         try:
             ranker = registry.build("ranker", check.name, dict(check.options), context, f"rankers.{check.name}")
         except Exception as error:  # missing weights, out of memory: this ranker fails, others go on
-            verdicts.append(Verdict(check.name, False, problems=[f"cannot be built: {reason(error)}"]))
+            why = first_line(error) if isinstance(error, DrpoError) else reason(error)
+            verdicts.append(Verdict(check.name, False, problems=[f"cannot be built: {why}"]))
             continue
         verdicts.append(examine(check.name, ranker, photos))
         del ranker

@@ -72,7 +72,11 @@ class CaptionStub(Ranker):
         return scores
 
 
+BUILT_WITH: list[BuildContext] = []  # the context of each stub built, newest last
+
+
 def _build_stub(options, context):
+    BUILT_WITH.append(context)
     if options.mode == "cannot-load":
         raise PluginError("ranker 'stub-caption': model 'unused' not found")
     return CaptionStub(options.mode)
@@ -176,11 +180,18 @@ def test_the_command_prints_one_line_per_ranker_and_exits_by_the_worst(stubs, tm
 
 def test_a_recipe_gives_the_rankers_and_their_options(stubs, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    Path("recipe.yaml").write_text("rankers: [{name: stub-caption, mode: wrong, weight: 2}]\n"
-                                   "eval: {rankers: [stub-binary]}\n")
+    Path("recipe.yaml").write_text("generator: tiny\nfeatures: tiny-pixels\nprompts: {path: prompts.txt}\n"
+                                   "rankers: [{name: stub-caption, mode: wrong, weight: 2}]\n"
+                                   "train: {mixed_precision: bf16}\neval: {rankers: [stub-binary]}\n")
     result = CliRunner().invoke(app, ["doctor", "--config", "recipe.yaml", "--device", "cpu"])
     assert result.exit_code == 1
     assert [line.split(":")[0] for line in result.output.splitlines()] == ["stub-caption", "stub-binary"]
+    assert "FAIL: the mismatching caption" in result.output  # the recipe's mode: wrong
+    # built as the run builds it: the recipe's precision (dtype auto follows it on CUDA), its folder
+    assert BUILT_WITH[-1].mixed_precision == "bf16" and BUILT_WITH[-1].config_dir == tmp_path
+    fixed = CliRunner().invoke(app, ["doctor", "stub-caption", "--config", "recipe.yaml", "--set",
+                                     "rankers.stub-caption.mode=right", "--device", "cpu"])
+    assert fixed.exit_code == 0 and fixed.output.startswith("stub-caption: PASS")  # --set wins over the recipe
 
 
 @pytest.mark.parametrize(("args", "message"), [
@@ -202,8 +213,7 @@ def test_a_ranker_that_cannot_be_built_fails_and_the_others_still_run(stubs):
     broken = requests(["stub-caption"], ["rankers.stub-caption.mode=cannot-load"])
     verdicts = run_doctor(broken + requests(["stub-caption"]))
     assert [v.passed for v in verdicts] == [False, True] and exit_code(verdicts) == 1
-    assert verdicts[0].line == ("stub-caption: FAIL: cannot be built: PluginError: ranker 'stub-caption': model "
-                                "'unused' not found")
+    assert verdicts[0].line == "stub-caption: FAIL: cannot be built: ranker 'stub-caption': model 'unused' not found"
 
 
 def test_by_default_every_ranker_that_loads_weights_is_checked(builtin_registry):
@@ -264,7 +274,7 @@ def test_a_ranker_whose_weights_are_missing_fails_its_line(clip_registry, tmp_pa
     with pytest.raises(PluginError):  # a local path that does not exist is bad input, caught when building
         clip_registry.build("ranker", "clip", dict(checks[0].options), BuildContext())
     (verdict,) = run_doctor(checks)
-    assert verdict.passed is False and verdict.line.startswith("clip: FAIL: cannot be built: PluginError: ")
+    assert verdict.passed is False and verdict.line.startswith("clip: FAIL: cannot be built: ranker 'clip': model")
 
 
 def test_unknown_ranker_names_fail_before_anything_loads(clip_registry):
