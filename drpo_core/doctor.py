@@ -54,19 +54,20 @@ class Photo:
     caption: str
 
 
-#: public-domain photographs shipped in scikit-image's wheel (astronaut: NASA; chelsea, coffee, rocket: their
-#: authors' public-domain dedications, per skimage/data/README)
+#: photographs shipped in scikit-image's wheel, free of copyright as their docstrings state (astronaut: NASA,
+#: public domain; chelsea, coffee: CC0 by their photographers; rocket: SpaceX, released into the public domain)
 PHOTOS = (
     Photo("astronaut", "a smiling astronaut in an orange spacesuit, an American flag and a model of the space "
                        "shuttle behind her"),
-    Photo("chelsea", "a close-up photo of the face of a tabby cat with green eyes"),
     Photo("coffee", "a cup of espresso on a red saucer with a spoon, on a wooden table"),
-    Photo("rocket", "a rocket standing on its launch pad at dusk between tall lightning towers"),
+    Photo("rocket", "a rocket on its launch pad at night, between tall lightning towers and floodlights"),
+    Photo("chelsea", "a close-up photo of the face of a tabby cat with green eyes"),
 )
 
 
 def mismatching_caption(index: int) -> str:
-    """The caption of the next photo: wrong for this one, right for another."""
+    """The caption of the next photo: wrong for this one, right for another. The order keeps the two space
+    photographs apart (the astronaut's caption names a space shuttle), so no wrong caption is half right."""
     return PHOTOS[(index + 1) % len(PHOTOS)].caption
 
 

@@ -110,7 +110,7 @@ def test_the_four_photos_load_from_the_installed_wheel():
     # four different photographs, not one image four times
     means = images.mean(dim=(2, 3))
     assert float(torch.cdist(means, means).add(torch.eye(4)).min()) > 0.01
-    assert [p.name for p in PHOTOS] == ["astronaut", "chelsea", "coffee", "rocket"]
+    assert [p.name for p in PHOTOS] == ["astronaut", "coffee", "rocket", "chelsea"]
 
 
 def test_each_caption_is_right_once_and_wrong_once(photos):
@@ -133,7 +133,7 @@ def test_a_ranker_that_ranks_wrong_fails_naming_the_photos(photos):
     verdict = examine("stub", CaptionStub("wrong"), photos)
     assert verdict.passed is False and verdict.ranks_right is False
     assert verdict.line.startswith("stub: FAIL: the mismatching caption scored at least as high on astronaut, "
-                                   "chelsea, coffee, rocket (4 of 4 photos)")
+                                   "coffee, rocket, chelsea (4 of 4 photos)")
 
 
 def test_scores_outside_the_documented_range_fail(photos):
