@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 
 from drpo_core.config import _flatten, resolve_config
 from drpo_core.context import BuildContext
@@ -118,9 +119,12 @@ def test_every_recipe_resolves_and_builds_on_tiny_models(recipe, tiny, builtin_r
     assert [name for name, _, _ in trainer.rankers] == [r.name for r in shipped.config.rankers]
     assert trainer.features is not None and trainer.estimator is not None
     context = BuildContext(device="cpu", config_dir=resolved.config_dir)
-    for i, ranker in enumerate(resolved.config.eval.rankers):  # built by each evaluation: built here once
-        built = builtin_registry.build("ranker", ranker.name, resolved.options[f"eval.rankers.{i}"], context)
-        assert built.score is not None
+    evaluation = [builtin_registry.build("ranker", r.name, resolved.options[f"eval.rankers.{i}"], context)
+                  for i, r in enumerate(resolved.config.eval.rankers)]  # built by each evaluation: built here once
+    images = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    for ranker in [r for _, r, _ in trainer.rankers] + evaluation:  # each built ranker scores
+        scores = ranker.score(images, ["a red apple", "a blue car"], [None, None])
+        assert scores.shape == (2,) and bool(torch.isfinite(scores).all())
 
 
 @pytest.mark.parametrize("name", sorted(PAPER_RECIPES))
