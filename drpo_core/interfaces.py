@@ -120,6 +120,12 @@ class Ranker(ABC):
     #: the score can be back-propagated through ``score_differentiable``: read by gradient baselines such as
     #: DRaFT (DrPO never does)
     differentiable: ClassVar[bool] = False
+    #: the range a working model's scores fall in, on its authors' scale (``drpo doctor`` checks real weights
+    #: against it); None: not declared
+    score_range: tuple[float, float] | None = None
+    #: whether the score depends on the prompt: ``drpo doctor`` then checks that a caption describing a photo
+    #: outscores one that does not (for a ranker that ignores it, that the caption changes nothing)
+    uses_prompt: bool = True
 
     @abstractmethod
     def score(

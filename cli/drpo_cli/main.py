@@ -248,6 +248,27 @@ def evaluate(target: Annotated[Path | None, typer.Argument(
 
 
 @app.command()
+def doctor(rankers: Annotated[list[str] | None, typer.Argument(
+               help="Rankers to check (default: the recipe's, else every installed ranker that loads model "
+                    "weights).")] = None,
+           config: Annotated[Path | None, typer.Option(
+               "--config", "-c", help="Recipe whose rankers and eval.rankers sections give the options.")] = None,
+           assignments: Annotated[list[str] | None, typer.Option(
+               "--set", help="rankers.NAME.KEY=VALUE, repeatable (e.g. rankers.pickscore.model=/models/ps).")] = None,
+           device: Annotated[str, typer.Option(help="auto (the first GPU, else cpu), cpu, cuda, cuda:N.")] = "auto"):
+    """Check rankers with your weights on four photographs, each with a matching and a mismatching caption:
+    one line per ranker, exit code 0 when all pass, 1 when one fails."""
+    from drpo_core.doctor import exit_code, pick_device, requests, run_doctor
+
+    checks = requests(rankers or [], assignments or [], config)  # bad input fails here, before any model loads
+    where = pick_device(device)
+    verdicts = run_doctor(checks, device=where)
+    for verdict in verdicts:
+        typer.echo(verdict.line)
+    raise typer.Exit(exit_code(verdicts))
+
+
+@app.command()
 def export(run: Annotated[Path, typer.Argument(help="Run directory.")],
            out: Annotated[Path | None, typer.Option("--out", help="Output folder (default RUN/export-FORMAT).")] = None,
            format: Annotated[str, typer.Option("--format", help="diffusers or kohya.")] = "diffusers",
