@@ -152,7 +152,9 @@ class Owlv2Detector:
         out: list[Found] = []
         for start in range(0, len(pictures), self.batch_size):
             chunk = list(pictures[start:start + self.batch_size])
-            inputs = self.processor(text=[self.queries] * len(chunk), images=chunk, return_tensors="pt")
+            # OWLv2's text tower takes 16 tokens: pad (and cut) every query to that
+            inputs = self.processor(text=[self.queries] * len(chunk), images=chunk, return_tensors="pt",
+                                    padding="max_length", truncation=True)
             inputs = {k: v.to(self.device, self.dtype) if v.is_floating_point() else v.to(self.device)
                       for k, v in inputs.items()}
             with own_precision(self.device):

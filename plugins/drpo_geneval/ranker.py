@@ -160,8 +160,8 @@ def missing_models(sources: Sequence[tuple[str, str]], config_dir: Any) -> list[
 
 
 def build_ranker(options: GenevalOptions, context: Any, *, soft: bool = False) -> GenevalRanker:
-    """The detector (loaded now) and the colour classifier (now for tasks with colours, else when first needed);
-    offline, every model that is missing is named in one line before anything loads."""
+    """The detector and, for the tasks with colours (and plain ``geneval``), the colour classifier; offline,
+    every model they need that is missing is named in one line before anything loads."""
     from drpo_clip_rankers.common import pick_device, pick_dtype
     from drpo_core.errors import PluginError
     from drpo_geneval.colors import load_color_classifier
@@ -169,7 +169,9 @@ def build_ranker(options: GenevalOptions, context: Any, *, soft: bool = False) -
 
     device = pick_device(options.device, context)
     dtype = pick_dtype(options.dtype, device, context)
-    sources = [("clip_model", options.clip_model)]
+    # the colour classifier loads now for the tasks with colours, else when a colour clause first needs it
+    colours_now = context.variant in (None, "colors", "color_attr")
+    sources = [("clip_model", options.clip_model)] if colours_now else []
     if options.detector in ("mask2former", "owlv2"):
         sources.insert(0, ("detector_model", options.detector_source()))
     missing = missing_models(sources, context.config_dir)
@@ -185,6 +187,6 @@ def build_ranker(options: GenevalOptions, context: Any, *, soft: bool = False) -
                                      options.background)
 
     ranker = (GenevalSoftRanker if soft else GenevalRanker)(detector, colors, options)
-    if context.variant in (None, "colors", "color_attr"):
+    if colours_now:
         _ = ranker.colors
     return ranker

@@ -5,9 +5,19 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
+from drpo_geneval.rules import Detection
 from drpo_geneval.vocabulary import OBJECT_NAMES
+
+if TYPE_CHECKING:
+    from PIL import Image
+
+    from drpo_core.context import BuildContext
+    from drpo_geneval.detectors import Found
+    from drpo_geneval.options import GenevalOptions
 
 #: COCO's own spellings of the names GenEval renames: the tiny models' labels use them, as the real ones do
 COCO_SPELLING = {"computer mouse": "mouse", "tv remote": "remote", "computer keyboard": "keyboard"}
@@ -75,3 +85,25 @@ def build_tiny_detectors(root: str | Path) -> dict[str, Path]:
         if not (paths[name] / "config.json").is_file():
             build(paths[name])
     return paths
+
+
+class StubDetector:
+    """A detector for end-to-end tests: it sees, of every one of the 80 objects, 1 to 4 confident instances
+    side by side, the number set by the picture's mean brightness. The candidates of a prompt then differ in
+    correctness (a random tiny detector would call all of them wrong, or all right, and skip every prompt)."""
+
+    def detect(self, pictures: Sequence[Image.Image], min_score: float) -> list[Found]:
+        import numpy as np
+
+        out: list[Found] = []
+        for picture in pictures:
+            count = 1 + int(np.asarray(picture, dtype=np.float64).mean() * 1000) % 4
+            step = picture.width / count
+            boxes = [(i * step, 0.0, (i + 1) * step, float(picture.height)) for i in range(count)]
+            out.append({name: [Detection(0.95, box) for box in boxes] for name in OBJECT_NAMES})
+        return out
+
+
+def stub_detector(options: GenevalOptions, context: BuildContext) -> StubDetector:
+    """``detector: drpo_geneval.testing:stub_detector``."""
+    return StubDetector()
