@@ -24,7 +24,6 @@ import importlib
 from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING, Any, Protocol
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -60,14 +59,17 @@ def own_precision(device: torch.device) -> Iterator[None]:
 def boxes_of_masks(masks: torch.Tensor) -> torch.Tensor:
     """``(N, 4)`` boxes ``(x0, y0, x1, y1)`` around boolean masks ``(N, H, W)``: first to one past the last
     covered column and row (mmdet's ``mask2bbox``); zeros for an empty mask."""
-    n, height, width = masks.shape
     columns, rows = masks.any(dim=1), masks.any(dim=2)  # (N, W), (N, H)
-    boxes = torch.zeros(n, 4, dtype=torch.float32, device=masks.device)
-    for i in range(n):
-        xs, ys = columns[i].nonzero().flatten(), rows[i].nonzero().flatten()
-        if len(xs):
-            boxes[i] = torch.tensor([xs[0], ys[0], xs[-1] + 1, ys[-1] + 1], dtype=torch.float32)
-    return boxes
+
+    def extent(covered: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        size = covered.shape[1]
+        first = covered.int().argmax(dim=1)
+        last = size - covered.flip(1).int().argmax(dim=1)
+        empty = ~covered.any(dim=1)
+        return first.masked_fill(empty, 0), last.masked_fill(empty, 0)
+
+    (x0, x1), (y0, y1) = extent(columns), extent(rows)
+    return torch.stack([x0, y0, x1, y1], dim=1).float()
 
 
 def instances(class_logits: torch.Tensor, mask_logits: torch.Tensor, labels: dict[int, str],
@@ -94,14 +96,16 @@ def instances(class_logits: torch.Tensor, mask_logits: torch.Tensor, labels: dic
     binary = masks > 0
     mask_scores = (masks.sigmoid() * binary).flatten(1).sum(1) / (binary.flatten(1).sum(1) + 1e-6)
     scores = top * mask_scores
-    keep = [i for i in range(len(scores)) if scores[i] > min_score and int(classes[i]) in labels]
-    if not keep:
+    known = torch.tensor([int(c) in labels for c in classes.tolist()], dtype=torch.bool, device=scores.device)
+    keep = ((scores > min_score) & known).nonzero().flatten()
+    if not len(keep):
         return found
-    boxes = boxes_of_masks(binary[keep]).cpu()
-    kept_masks = binary[keep].cpu().numpy()
-    for j, i in enumerate(keep):
-        box = (float(boxes[j, 0]), float(boxes[j, 1]), float(boxes[j, 2]), float(boxes[j, 3]))
-        found.setdefault(labels[int(classes[i])], []).append(Detection(float(scores[i]), box, None, kept_masks[j]))
+    kept_masks = binary[keep]
+    boxes = boxes_of_masks(kept_masks).tolist()
+    kept_masks_np = kept_masks.cpu().numpy()
+    for j, (score, label) in enumerate(zip(scores[keep].tolist(), classes[keep].tolist(), strict=True)):
+        box = (boxes[j][0], boxes[j][1], boxes[j][2], boxes[j][3])
+        found.setdefault(labels[label], []).append(Detection(score, box, None, kept_masks_np[j]))
     return found
 
 
@@ -233,4 +237,4 @@ def _load_custom(options: GenevalOptions, context: BuildContext) -> Detector:
     if not callable(getattr(detector, "detect", None)):
         raise PluginError(f"ranker 'geneval': detector {options.detector!r} returned {type(detector).__name__}, "
                           "which has no detect(pictures, min_score) method")
-    return detector  # type: ignore[no-any-return]
+    return detector

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from drpo_geneval.rules import Detection
 from drpo_geneval.vocabulary import OBJECT_NAMES
@@ -38,13 +38,16 @@ def make_tiny_mask2former(directory: str | Path, seed: int = 0, labels: dict[int
 
     directory = Path(directory)
     labels = coco_labels() if labels is None else labels
+    # keyword arguments the configs take through **kwargs (their signatures do not name them)
+    stages: dict[str, Any] = {"out_features": ["stage1", "stage2", "stage3", "stage4"]}
     backbone = SwinConfig(image_size=TINY_DETECTOR_SIZE, patch_size=4, embed_dim=8, depths=[1, 1, 1, 1],
-                          num_heads=[1, 1, 1, 1], window_size=2, out_features=["stage1", "stage2", "stage3", "stage4"])
+                          num_heads=[1, 1, 1, 1], window_size=2, **stages)
+    head: dict[str, Any] = {"use_pretrained_backbone": False, "num_labels": len(labels), "id2label": labels,
+                            "label2id": {v: k for k, v in labels.items()}}
     # hidden sizes must be multiples of 32 (GroupNorm(32, .) in the pixel decoder)
-    config = Mask2FormerConfig(backbone_config=backbone, use_pretrained_backbone=False, num_labels=len(labels),
-                               id2label=labels, label2id={v: k for k, v in labels.items()}, hidden_dim=32,
-                               mask_feature_size=32, feature_size=32, encoder_layers=1, decoder_layers=2,
-                               num_attention_heads=2, encoder_feedforward_dim=64, dim_feedforward=64, num_queries=10)
+    config = Mask2FormerConfig(backbone_config=backbone, hidden_dim=32, mask_feature_size=32, feature_size=32,
+                               encoder_layers=1, decoder_layers=2, num_attention_heads=2, encoder_feedforward_dim=64,
+                               dim_feedforward=64, num_queries=10, **head)
     torch.manual_seed(seed)
     Mask2FormerForUniversalSegmentation(config).save_pretrained(directory)
     Mask2FormerImageProcessorPil(size={"shortest_edge": TINY_DETECTOR_SIZE, "longest_edge": 4 * TINY_DETECTOR_SIZE},
