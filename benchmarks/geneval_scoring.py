@@ -50,8 +50,14 @@ def tiny_ranker(device: str, threshold: float) -> Any:
 
 def real_ranker(device: str, threshold: float) -> Any:
     """Mask2Former Swin-S and CLIP ViT-L/14 with random weights, built in memory."""
-    from transformers import CLIPConfig, CLIPImageProcessorPil, CLIPModel, Mask2FormerConfig, SwinConfig
-    from transformers import Mask2FormerForUniversalSegmentation
+    from transformers import (
+        CLIPConfig,
+        CLIPImageProcessorPil,
+        CLIPModel,
+        Mask2FormerConfig,
+        Mask2FormerForUniversalSegmentation,
+        SwinConfig,
+    )
     from transformers.models.mask2former.image_processing_pil_mask2former import Mask2FormerImageProcessorPil
 
     from drpo_diffusers.testing import make_tiny_tokenizer

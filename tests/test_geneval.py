@@ -190,7 +190,9 @@ def test_the_crop_paints_outside_the_mask_grey_and_rounds_the_box():
 
 
 def test_offline_the_ranker_names_every_missing_model_in_one_line(tmp_path, monkeypatch):
-    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty"))
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "empty"))  # read when the cache is looked up
     with pytest.raises(PluginError) as error:
         build_ranker(GenevalOptions(), BuildContext(variant="colors"))
     message = str(error.value)
