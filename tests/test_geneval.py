@@ -313,3 +313,16 @@ def test_the_headline_command_without_weights_fails_in_one_line_naming_them(tmp_
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and "hf download stabilityai/sdxl-turbo" in lines[0] and "HF_HUB_OFFLINE" in lines[0]
     assert elapsed < 60 and not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("name, binary", [("geneval:counting", True), ("geneval-soft:counting", False)])
+def test_both_rankers_build_through_the_registry_with_their_kind(builtin_registry, tiny, name, binary):
+    spec_options = GenevalOptions(detector="drpo_geneval.testing:stub_detector", clip_model=str(tiny["clip"]))
+    ranker = builtin_registry.build("ranker", name, spec_options, BuildContext(variant="counting"), "rankers.0")
+    assert ranker.binary is binary
+    images = torch.zeros(2, 3, 16, 16)
+    images[1, 0, 0, :2] = 1 / 255  # mean 2/768 of 255: the stub sees 3 objects there, 1 in the black picture
+    scores = ranker.score(images, ["two clocks"] * 2, [COUNT_TWO] * 2).tolist()
+    assert scores == ([0.0, 0.0] if binary else [0.5, 0.5])
+    three = {"tag": "counting", "include": [{"class": "clock", "count": 3}], "exclude": [{"class": "clock", "count": 4}]}
+    assert ranker.score(images, ["three clocks"] * 2, [three] * 2).tolist() == [0.0 if binary else 0.5, 1.0]
