@@ -140,3 +140,28 @@ def _include_failure(
                 if relation not in relative_position(obj.box, target.box, position_threshold):
                     return f"expected {cls} {relation} target"
     return ""
+
+
+def box_iou(box_a: Sequence[float], box_b: Sequence[float]) -> float:
+    """Intersection over union of two boxes, counting pixels inclusively (a box ``(0, 0, 9, 9)`` is 10x10), as
+    GenEval's overlap filter does."""
+
+    def area(x0: float, y0: float, x1: float, y1: float) -> float:
+        return max(x1 - x0 + 1, 0.0) * max(y1 - y0 + 1, 0.0)
+
+    inter = area(max(box_a[0], box_b[0]), max(box_a[1], box_b[1]), min(box_a[2], box_b[2]), min(box_a[3], box_b[3]))
+    union = area(*box_a[:4]) + area(*box_b[:4]) - inter
+    return inter / union if union else 0.0
+
+
+def suppress_overlaps(detections: Sequence[Detection], max_overlap: float) -> list[Detection]:
+    """Best first, each detection dropped when its box overlaps an already kept one by ``max_overlap`` IoU or
+    more (GenEval's ``max_overlap``; 1.0 turns the filter off)."""
+    ordered = sorted(detections, key=lambda d: d.score, reverse=True)
+    if max_overlap >= 1:
+        return ordered
+    kept: list[Detection] = []
+    for detection in ordered:
+        if all(box_iou(detection.box, other.box) < max_overlap for other in kept):
+            kept.append(detection)
+    return kept
