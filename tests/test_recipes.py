@@ -12,8 +12,9 @@ from typing import Any
 import pytest
 import torch
 
-from drpo_core.config import _flatten, resolve_config
+from drpo_core.config import _flatten, resolve_config, resolve_path
 from drpo_core.context import BuildContext
+from drpo_core.prompts import load_prompts
 from drpo_core.trainer import Trainer
 
 REPO = Path(__file__).resolve().parents[1]
@@ -36,11 +37,13 @@ TINY_OPTIONS: dict[str, Callable[[Tiny], dict[str, Any]]] = {
     **{name: (lambda t: {"checkpoint": HPS_DATA / "open_clip_tiny.safetensors", "tokenizer": t["tokenizer"],
                          "vision_head_width": 20, "text_head_width": 16}) for name in ("hpsv2", "hpsv2.1")},
     **{name: (lambda t: {}) for name in ("brightness", "saturation", "contrast", "redness")},
+    **{name: (lambda t: {"detector_model": t["mask2former"], "clip_model": t["clip"]})
+       for name in ("geneval", "geneval-soft")},
 }
 #: what the overrides may change besides model files: nothing a recipe's result depends on but the hardware
 RUN_ON_CPU = {"train.device": "cpu", "train.mixed_precision": "no"}
 MODEL_KEYS = {"model", "processor", "weights", "head", "checkpoint", "tokenizer", "resolution",
-              "vision_head_width", "text_head_width"}
+              "vision_head_width", "text_head_width", "detector_model", "clip_model"}
 
 #: method.md §6.4, per paper recipe
 PAPER_RECIPES = {
@@ -66,6 +69,7 @@ PAPER_SHARED = {
 @pytest.fixture(scope="module")
 def tiny(tiny_dirs, tiny_vision_dirs, tmp_path_factory) -> Tiny:
     from drpo_clip_rankers.testing import build_tiny_rankers
+    from drpo_geneval.testing import make_tiny_mask2former
     from drpo_mae.testing import write_tiny_checkpoint
     from drpo_vision_features.testing import make_tiny_vit_mae
 
@@ -73,7 +77,8 @@ def tiny(tiny_dirs, tiny_vision_dirs, tmp_path_factory) -> Tiny:
     rankers = build_tiny_rankers(root)
     return {"sd": tiny_dirs["sd"], "sdxl": tiny_dirs["sdxl"], "dinov2": tiny_vision_dirs["dinov2"],
             "vit-mae": make_tiny_vit_mae(root / "vit-mae-12", layers=12),  # vit-mae-base's 12 layers
-            "mae": write_tiny_checkpoint(root / "latent-mae.pth"), **rankers}
+            "mae": write_tiny_checkpoint(root / "latent-mae.pth"),
+            "mask2former": make_tiny_mask2former(root / "mask2former"), **rankers}
 
 
 def components(resolved) -> dict[str, str]:
@@ -122,9 +127,20 @@ def test_every_recipe_resolves_and_builds_on_tiny_models(recipe, tiny, builtin_r
     evaluation = [builtin_registry.build("ranker", r.name, resolved.options[f"eval.rankers.{i}"], context)
                   for i, r in enumerate(resolved.config.eval.rankers)]  # built by each evaluation: built here once
     images = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    prompts, metadata = recipe_prompts(resolved)
     for ranker in [r for _, r, _ in trainer.rankers] + evaluation:  # each built ranker scores
-        scores = ranker.score(images, ["a red apple", "a blue car"], [None, None])
+        scores = ranker.score(images, prompts, metadata)
         assert scores.shape == (2,) and bool(torch.isfinite(scores).all())
+
+
+def recipe_prompts(resolved) -> tuple[list[str], list[Any]]:
+    """Two prompts of the recipe's own training file (with their metadata: GenEval's rankers need its
+    clauses), or two plain ones when it names none."""
+    path = resolved.config.prompts.path
+    if path is None:
+        return ["a red apple", "a blue car"], [None, None]
+    records = load_prompts(resolve_path(path, resolved.config_dir))[:2]
+    return [r.text for r in records], [r.metadata for r in records]
 
 
 @pytest.mark.parametrize("name", sorted(PAPER_RECIPES))
