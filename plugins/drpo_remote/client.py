@@ -1,0 +1,196 @@
+"""The ``remote`` ranker: scores from a ranker server over HTTP, with the standard library's urllib.
+
+Every call has one total deadline, the ranker section's ``timeout``: the ranker runs in the worker process
+of :mod:`drpo_core.worker` like any ranker with a timeout, which is ended if a call passes it. Inside that
+deadline the client retries what may pass (no connection, no answer within ``request_timeout``, HTTP 5xx)
+with exponential backoff, at most ``retries`` times, and gives up a little before the worker would be
+ended, with one error naming the URL, the attempts and the last failure. An answer that is wrong (not the
+wire format, another request's id, a wrong count) or a refused token is not retried. Every such error is a
+``WorkerLost``: the loop checkpoints the completed steps at the failing step's start and stops.
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import os
+import socket
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+import uuid
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+
+from drpo_core.context import BuildContext
+from drpo_core.errors import ConfigError
+from drpo_core.interfaces import API_VERSION, Ranker
+from drpo_core.worker import WorkerLost
+from drpo_remote.wire import METADATA, SCORE, WIRE_VERSION, WireError, loads, parse_score_response, score_request
+
+
+class RemoteOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    token_env: str | None = Field(None, description="environment variable holding the server's bearer token")
+    request_timeout: float = Field(30.0, gt=0, description="seconds one HTTP request may take")
+    retries: int = Field(4, ge=0, description="retries of a request that failed in a way that may pass")
+    backoff: float = Field(0.5, ge=0, description="seconds before the first retry; doubles with each one")
+    batch_size: int = Field(32, ge=1, description="images per request")
+
+
+class RemoteRankerError(WorkerLost):
+    """The server could not be reached, or answered wrongly, within the deadline."""
+
+
+class _Retryable(Exception):
+    """A failure that may pass: no connection, no answer in time, a server error."""
+
+
+def check_url(url: str) -> str | None:
+    """What is wrong with a server URL (the ranker's variant), or None."""
+    parts = urllib.parse.urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        return "expected a server URL such as http://127.0.0.1:8765"
+    try:
+        parts.port  # noqa: B018 (a bad port raises)
+    except ValueError as error:
+        return str(error)
+    return None
+
+
+def _margin(deadline: float) -> float:
+    """Seconds the client keeps before the worker's deadline, so its own error (which says more) comes first."""
+    return min(1.0, 0.1 * deadline)
+
+
+class RemoteRanker(Ranker):
+    def __init__(self, url: str, options: RemoteOptions, deadline: float, *, binary: bool):
+        self.url, self.options = url.rstrip("/"), options
+        self.deadline = deadline - _margin(deadline)
+        self.token = _token(options.token_env)
+        meta = loads(self._request(METADATA, None, "metadata"), "the metadata")
+        if not isinstance(meta, dict) or meta.get("api") != WIRE_VERSION:
+            raise RemoteRankerError(f"{self.url} speaks remote-ranker API {meta.get('api') if isinstance(meta, dict) else '?'}"
+                                    f", this drpo speaks version {WIRE_VERSION}")
+        self.metadata = meta
+        if bool(meta.get("binary")) != binary:
+            kind = "binary (0/1)" if meta.get("binary") else "graded"
+            name = "remote-binary" if meta.get("binary") else "remote"
+            raise ConfigError(f"{self.url} serves {meta.get('name')!r}, whose scores are {kind}: use the ranker "
+                              f"{name}:{self.url}")
+
+    api_version = API_VERSION
+
+    def score(self, images: torch.Tensor, prompts: Sequence[str],
+              metadata: Sequence[Mapping[str, Any] | None]) -> torch.Tensor:
+        started, size, scores = time.monotonic(), self.options.batch_size, []
+        for start in range(0, len(images), size):
+            request_id = uuid.uuid4().hex
+            stop = min(len(images), start + size)
+            body = score_request(request_id, images[start:stop], prompts[start:stop], metadata[start:stop])
+            answer = self._request(SCORE, body, "score", started)
+            try:
+                scores.append(parse_score_response(answer, request_id, stop - start))
+            except WireError as error:
+                raise RemoteRankerError(f"ranker server {self.url} answered wrongly: {error}") from None
+        return torch.cat(scores) if scores else torch.zeros(0)
+
+    def _request(self, path: str, body: bytes | None, what: str, started: float | None = None) -> bytes:
+        """One request, retried with backoff until it answers, ``retries`` run out or the deadline nears."""
+        started = time.monotonic() if started is None else started
+        end, attempts, last = started + self.deadline, 0, ""
+        while True:
+            attempts += 1
+            remaining = end - time.monotonic()
+            try:
+                return self._once(path, body, min(self.options.request_timeout, max(remaining, 0.05)))
+            except _Retryable as error:
+                last = str(error)
+            pause = self.options.backoff * 2 ** (attempts - 1)
+            if attempts > self.options.retries or time.monotonic() + pause >= end:
+                break
+            time.sleep(pause)
+        raise RemoteRankerError(f"ranker server {self.url}: {what} failed {attempts} time(s) in "
+                                f"{time.monotonic() - started:.1f} s (deadline {self.deadline:g} s, retries "
+                                f"{self.options.retries}); last: {last}")
+
+    def _once(self, path: str, body: bytes | None, timeout: float) -> bytes:
+        headers = {"Content-Type": "application/json"}
+        if self.token:
+            headers["Authorization"] = f"Bearer {self.token}"
+        request = urllib.request.Request(self.url + path, data=body, headers=headers,
+                                         method="GET" if body is None else "POST")
+        try:
+            with urllib.request.urlopen(request, timeout=timeout) as response:
+                return bytes(response.read())
+        except urllib.error.HTTPError as error:
+            detail = _error_text(error)
+            if error.code >= 500:
+                raise _Retryable(f"HTTP {error.code}: {detail}") from None
+            if error.code == 401:
+                where = f"${self.options.token_env}" if self.options.token_env else "no token_env is set"
+                raise RemoteRankerError(f"ranker server {self.url} refused the token (HTTP 401: {detail}); the "
+                                        f"token comes from {where}") from None
+            raise RemoteRankerError(f"ranker server {self.url} refused the request (HTTP {error.code}: "
+                                    f"{detail})") from None
+        except (TimeoutError, socket.timeout):
+            raise _Retryable(f"no answer within {timeout:.3g} s (request_timeout)") from None
+        except urllib.error.URLError as error:
+            if isinstance(error.reason, (TimeoutError, socket.timeout)):
+                raise _Retryable(f"no answer within {timeout:.3g} s (request_timeout)") from None
+            raise _Retryable(f"cannot connect ({getattr(error.reason, 'strerror', None) or error.reason})") from None
+        except (ConnectionError, http.client.HTTPException) as error:
+            raise _Retryable(f"the connection broke ({type(error).__name__}: {error})") from None
+
+
+class BinaryRemoteRanker(RemoteRanker):
+    """A remote ranker whose scores are 0/1 correctness (``remote-binary``)."""
+
+    binary = True
+
+
+def _error_text(error: urllib.error.HTTPError) -> str:
+    try:
+        body = error.read()
+        data = json.loads(body)
+        return str(data.get("error", data)) if isinstance(data, dict) else str(data)
+    except Exception:
+        return error.reason if isinstance(error.reason, str) else "no details"
+
+
+def _token(variable: str | None) -> str | None:
+    if variable is None:
+        return None
+    token = os.environ.get(variable)
+    if not token:
+        raise ConfigError(f"token_env: the environment variable {variable} is not set (it holds the ranker "
+                          "server's token)")
+    return token
+
+
+def remote_factory(binary: bool) -> Callable[[RemoteOptions, BuildContext], Ranker]:
+    return _build_binary if binary else _build_graded
+
+
+def _build(options: RemoteOptions, context: BuildContext, binary: bool) -> RemoteRanker:
+    name = "remote-binary" if binary else "remote"
+    if not context.variant:
+        raise ConfigError(f"ranker {name!r} needs the server's URL: {name}:http://HOST:PORT")
+    if context.timeout is None:
+        raise ConfigError(f"ranker {name}:{context.variant} needs a timeout in its section (seconds one score "
+                          "call may take, retries included), e.g. --set rankers.0.timeout=120")
+    kind = BinaryRemoteRanker if binary else RemoteRanker
+    return kind(context.variant, options, context.timeout, binary=binary)
+
+
+# module-level factories: the worker process imports them by name
+def _build_graded(options: RemoteOptions, context: BuildContext) -> RemoteRanker:
+    return _build(options, context, binary=False)
+
+
+def _build_binary(options: RemoteOptions, context: BuildContext) -> RemoteRanker:
+    return _build(options, context, binary=True)
