@@ -256,7 +256,7 @@ class Registry:
             problem = spec.variants(variant)
             if problem:
                 raise PluginError(f"{kind} {name!r}: variant {variant!r}: {problem}")
-        elif variant is not None and spec.variants is not None and variant not in spec.variants:
+        elif variant is not None and isinstance(spec.variants, tuple) and variant not in spec.variants:
             raise PluginError(
                 f"unknown variant {variant!r} of {kind} {name!r}: choose one of {', '.join(spec.variants)}"
             )

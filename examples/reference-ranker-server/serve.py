@@ -106,7 +106,7 @@ def image_reward_scorer(model="ImageReward-v1.0", device="cpu"):
 
     def score(images, prompts, metadata):
         out = []
-        for image, prompt in zip(images, prompts):
+        for image, prompt in zip(images, prompts, strict=True):
             value = float(reward.score(prompt, image.to_pil()))
             out.append(value if math.isfinite(value) else None)
         return out

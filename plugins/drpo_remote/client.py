@@ -30,7 +30,15 @@ from drpo_core.context import BuildContext
 from drpo_core.errors import ConfigError
 from drpo_core.interfaces import API_VERSION, Ranker
 from drpo_core.worker import WorkerLost
-from drpo_remote.wire import METADATA, SCORE, WIRE_VERSION, WireError, loads, parse_score_response, score_request
+from drpo_remote.wire import (
+    METADATA,
+    SCORE,
+    WIRE_VERSION,
+    WireError,
+    loads,
+    parse_score_response,
+    score_request,
+)
 
 
 class RemoteOptions(BaseModel):
@@ -137,7 +145,7 @@ class RemoteRanker(Ranker):
                                         f"token comes from {where}") from None
             raise RemoteRankerError(f"ranker server {self.url} refused the request (HTTP {error.code}: "
                                     f"{detail})") from None
-        except (TimeoutError, socket.timeout):
+        except TimeoutError:
             raise _Retryable(f"no answer within {timeout:.3g} s (request_timeout)") from None
         except urllib.error.URLError as error:
             if isinstance(error.reason, (TimeoutError, socket.timeout)):

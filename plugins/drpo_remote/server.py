@@ -14,7 +14,15 @@ from typing import Any
 
 import torch
 
-from drpo_remote.wire import HEALTH, METADATA, SCORE, WIRE_VERSION, WireError, parse_score_request, score_response
+from drpo_remote.wire import (
+    HEALTH,
+    METADATA,
+    SCORE,
+    WIRE_VERSION,
+    WireError,
+    parse_score_request,
+    score_response,
+)
 
 
 def make_app(ranker: Any, *, name: str, variant: str | None, token: str | None, max_batch: int,
