@@ -23,9 +23,9 @@ from drpo_remote.client import RemoteOptions, _build_binary, _build_graded, chec
 @hookimpl
 def drpo_register_rankers(register: Register[Ranker]) -> None:
     register("remote", _build_graded, options=RemoteOptions, variants=check_url,
-             summary="a ranker server over HTTP (remote:http://HOST:PORT; drpo serve-ranker)")
+             summary="scores from a ranker server over HTTP (drpo serve-ranker)")
     register("remote-binary", _build_binary, options=RemoteOptions, variants=check_url, provides=("binary",),
-             summary="a ranker server with 0/1 scores over HTTP (remote-binary:http://HOST:PORT)")
+             summary="0/1 scores from a ranker server over HTTP")
 
 
 @hookimpl

@@ -20,7 +20,7 @@ def serve_ranker(
     assignments: Annotated[list[str] | None, typer.Option(
         "--set", help="A ranker option, key=value (as rankers.N.key in a recipe), repeatable.")] = None,
 ) -> None:
-    """Serve a registered ranker over HTTP for `--ranker remote:http://HOST:PORT`."""
+    """Serve a registered ranker over HTTP (for --ranker remote:http://HOST:PORT)."""
     import torch
 
     from drpo_core.context import BuildContext
