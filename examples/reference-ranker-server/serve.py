@@ -4,13 +4,13 @@ It speaks drpo's remote-ranker wire format, version 1 (docs/remote-rankers.md), 
 clash with drpo's (image-reward wants transformers<=4.55, GenEval an exact mmdet stack) serves rankings
 from its own virtual environment::
 
-    python serve.py --scorer image-reward --model ImageReward-v1.0 --port 8765
+    python serve.py --scorer image-reward --model ImageReward.pt --option med_config=med_config.json
     drpo train --ranker remote:http://127.0.0.1:8765 --set rankers.0.timeout=120
 
 A scorer is ``score(images, prompts, metadata) -> list of floats (None: could not score)``, where each
 image is an :class:`Image` (raw uint8 pixels, with ``to_pil()`` and ``to_numpy()``). ``--scorer`` takes a
 built-in name (``stub``: mean pixel value; ``image-reward``) or ``module:function`` returning a scorer
-(called with ``--model`` and ``--device``). Requests are scored one at a time, in arrival order.
+(called with ``--model``, ``--device`` and each ``--option KEY=VALUE``). Requests are scored one at a time, in arrival order.
 """
 
 from __future__ import annotations
@@ -98,11 +98,12 @@ def stub_scorer(model=None, device="cpu"):
     return score
 
 
-def image_reward_scorer(model="ImageReward-v1.0", device="cpu"):
-    """THUDM's ImageReward (``pip install image-reward``): a name it knows or a local checkpoint file."""
+def image_reward_scorer(model="ImageReward-v1.0", device="cpu", med_config=None):
+    """THUDM's ImageReward (``pip install image-reward``): a name it knows or a local checkpoint file;
+    ``--option med_config=PATH`` spares its download of ``med_config.json``."""
     import ImageReward
 
-    reward = ImageReward.load(model, device=device)
+    reward = ImageReward.load(model, device=device, med_config=med_config)
 
     def score(images, prompts, metadata):
         out = []
@@ -116,13 +117,14 @@ def image_reward_scorer(model="ImageReward-v1.0", device="cpu"):
 SCORERS = {"stub": stub_scorer, "image-reward": image_reward_scorer}
 
 
-def load_scorer(name, model, device):
+def load_scorer(name, model, device, options=()):
     if name in SCORERS:
         factory = SCORERS[name]
-    else:
+    else:  # a module beside this script, or importable in this environment
         module, _, function = name.partition(":")
         factory = getattr(importlib.import_module(module), function)
-    return factory(**({"model": model} if model else {}), device=device)
+    extra = dict(option.split("=", 1) for option in options)
+    return factory(**({"model": model} if model else {}), device=device, **extra)
 
 
 # -- the server -----------------------------------------------------------------------------------------
@@ -200,6 +202,8 @@ def main(argv=None):
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8765)
     parser.add_argument("--token-env", default=None, help="environment variable holding the bearer token")
+    parser.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
+                        help="a keyword argument of the scorer's factory (repeatable)")
     parser.add_argument("--binary", action="store_true", help="the scores are 0/1 correctness")
     args = parser.parse_args(argv)
     token = None
@@ -207,7 +211,10 @@ def main(argv=None):
         token = os.environ.get(args.token_env)
         if not token:
             sys.exit(f"--token-env {args.token_env}: the environment variable is not set or empty")
-    scorer = load_scorer(args.scorer, args.model, args.device)
+    bad = [option for option in args.option if "=" not in option]
+    if bad:
+        sys.exit(f"--option expects KEY=VALUE, got {bad[0]!r}")
+    scorer = load_scorer(args.scorer, args.model, args.device, args.option)
     metadata = {"api": API, "name": args.scorer, "variant": args.model, "binary": args.binary,
                 "server": "reference-ranker-server", "drpo_version": None}
     server = ThreadingHTTPServer((args.host, args.port), make_handler(scorer, metadata, token))
