@@ -44,5 +44,6 @@ def image_reward_server(session: nox.Session) -> None:
     cannot share drpo's environment (docs/remote-rankers.md); its venv here has no drpo at all. Not in CI:
     it installs an old stack (torch with its matching torchvision)."""
     session.install("torch==2.14.1", "torchvision==0.29.1", "transformers==4.45.2", "setuptools<81",
-                    "image-reward==1.5", "datasets", "openai-clip", "numpy", "pillow")
+                    "image-reward==1.5", "datasets", "openai-clip", "numpy", "pillow",
+                    "diffusers<0.31")  # image-reward imports diffusers, whose later releases need newer transformers
     session.run("python", "examples/reference-ranker-server/tiny_image_reward.py", env={"HF_HUB_OFFLINE": "1"})

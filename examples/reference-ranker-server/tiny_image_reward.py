@@ -60,12 +60,21 @@ def _tiny_parts(folder: Path) -> Path:
 
 def scorer(model=None, device="cpu"):
     """serve.py's scorer factory: a tiny ImageReward with seed-0 random weights."""
+    import importlib
+
     import torch
-    from ImageReward import ImageReward as RewardModel
+
+    reward_class = importlib.import_module("ImageReward.ImageReward").ImageReward  # the package's own class
 
     folder = Path(tempfile.mkdtemp(prefix="tiny-image-reward-"))
     torch.manual_seed(0)
-    reward = RewardModel.ImageReward(med_config=str(_tiny_parts(folder)), device=device).to(device).eval()
+    reward = reward_class(med_config=str(_tiny_parts(folder)), device=device)
+    # the head's own init (std 1/769 through five layers) makes every reward -mean/std to 1e-10: widen it so
+    # the tiny rewards tell images apart
+    for layer in reward.mlp.modules():
+        if isinstance(layer, torch.nn.Linear):
+            torch.nn.init.normal_(layer.weight, std=layer.in_features ** -0.5)
+    reward = reward.to(device).eval()
 
     def score(images, prompts, metadata):
         with torch.no_grad():
@@ -117,6 +126,7 @@ def main():
         status, answer = _post(url, body, token)
         assert status == 200 and answer["id"] == "tiny-1" and len(answer["scores"]) == 4, answer
         assert all(isinstance(s, float) for s in answer["scores"]), answer
+        assert len(set(answer["scores"])) == 4, answer  # the tiny model tells the images apart
         local = scorer()([Image(p.tobytes(), 3, 64, 64) for p in pixels], prompts, [None] * 4)
         assert answer["scores"] == local, (answer["scores"], local)
         assert _post(url, body, None)[0] == 401 and _post(url, body, "wrong")[0] == 401

@@ -39,7 +39,7 @@ def serve_ranker(
     options = dict(_parse_option(text) for text in assignments or [])
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     context = BuildContext(device=device)
-    built = get_registry().build("ranker", ranker, options, context, "serve-ranker --set")
+    built = get_registry().build("ranker", ranker, options, context, "ranker")
     name, variant = split_reference(ranker)
     app = make_app(built, name=name, variant=variant, token=token, max_batch=max_batch, device=device)
     typer.echo(f"serving ranker {ranker!r} on http://{host}:{port} ({device})")
