@@ -240,3 +240,12 @@ def _write(tmp_path: Path, config: dict) -> str:
     path = tmp_path / f"recipe-{time.monotonic_ns()}.yaml"
     path.write_text(json.dumps(config))
     return str(path)
+
+
+def test_a_binary_or_graded_server_must_match_the_ranker_named(fake):
+    from drpo_core.errors import ConfigError
+
+    url = f"http://127.0.0.1:{fake.server_port}"
+    with pytest.raises(ConfigError, match=rf"{url} serves 'fake', whose scores are graded: use the ranker "
+                                          rf"remote:{url}"):
+        RemoteRanker(url, RemoteOptions(), 5, binary=True)

@@ -76,22 +76,30 @@ def _margin(deadline: float) -> float:
 
 
 class RemoteRanker(Ranker):
+    """Scores from the ranker server at ``url`` (module doc); ``deadline``: seconds one call may take."""
+
+    api_version = API_VERSION
+
     def __init__(self, url: str, options: RemoteOptions, deadline: float, *, binary: bool):
         self.url, self.options = url.rstrip("/"), options
         self.deadline = deadline - _margin(deadline)
         self.token = _token(options.token_env)
-        meta = loads(self._request(METADATA, None, "metadata"), "the metadata")
-        if not isinstance(meta, dict) or meta.get("api") != WIRE_VERSION:
-            raise RemoteRankerError(f"{self.url} speaks remote-ranker API {meta.get('api') if isinstance(meta, dict) else '?'}"
-                                    f", this drpo speaks version {WIRE_VERSION}")
-        self.metadata = meta
-        if bool(meta.get("binary")) != binary:
-            kind = "binary (0/1)" if meta.get("binary") else "graded"
-            name = "remote-binary" if meta.get("binary") else "remote"
-            raise ConfigError(f"{self.url} serves {meta.get('name')!r}, whose scores are {kind}: use the ranker "
-                              f"{name}:{self.url}")
+        self.metadata = self._read_metadata()
+        if bool(self.metadata.get("binary")) != binary:
+            kind, name = ("binary (0/1)", "remote-binary") if self.metadata.get("binary") else ("graded", "remote")
+            raise ConfigError(f"{self.url} serves {self.metadata.get('name')!r}, whose scores are {kind}: use the "
+                              f"ranker {name}:{self.url}")
 
-    api_version = API_VERSION
+    def _read_metadata(self) -> dict[str, Any]:
+        try:
+            meta = loads(self._request(METADATA, None, "metadata"), "the metadata")
+        except WireError as error:
+            raise RemoteRankerError(f"ranker server {self.url} answered wrongly: {error}") from None
+        version = meta.get("api") if isinstance(meta, dict) else None
+        if version != WIRE_VERSION:
+            raise RemoteRankerError(f"ranker server {self.url} speaks remote-ranker API {version}, this drpo "
+                                    f"speaks version {WIRE_VERSION}")
+        return dict(meta)
 
     def score(self, images: torch.Tensor, prompts: Sequence[str],
               metadata: Sequence[Mapping[str, Any] | None]) -> torch.Tensor:
