@@ -30,7 +30,8 @@ class WireError(ValueError):
 
 def quantise(images: torch.Tensor) -> torch.Tensor:
     """Float images in [0, 1] as the uint8 the wire carries (round to nearest)."""
-    return images.detach().float().clamp(0, 1).mul(255).round().to(torch.uint8).cpu().contiguous()
+    # round(255 clamp(x, 0, 1)) = clamp(round(255 x), 0, 255): one new tensor, then in place (half the time)
+    return images.detach().cpu().float().mul(255).round_().clamp_(0, 255).to(torch.uint8).contiguous()
 
 
 def encode_images(images: torch.Tensor) -> dict[str, Any]:
@@ -52,7 +53,7 @@ def decode_images(field: Any) -> torch.Tensor:
         raise WireError('"images.data" is not base64') from None
     if len(raw) != math.prod(shape):
         raise WireError(f'"images.data" holds {len(raw)} bytes, shape {shape} needs {math.prod(shape)}')
-    return torch.frombuffer(bytearray(raw), dtype=torch.uint8).reshape(shape).float().div(255)
+    return torch.frombuffer(bytearray(raw), dtype=torch.uint8).reshape(shape).float().div_(255)
 
 
 def loads(body: bytes, what: str) -> Any:
