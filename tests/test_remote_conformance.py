@@ -131,7 +131,7 @@ def test_concurrent_client_processes_get_their_own_scores_in_order(server):
 
 
 def test_the_remote_ranker_needs_a_deadline_and_a_url():
-    from drpo_remote.client import _build_graded
+    from drpo_remote import _build_graded
 
     with pytest.raises(Exception, match=r"needs a timeout in its section .* --set rankers.0.timeout=120"):
         _build_graded(RemoteOptions(), BuildContext(variant="http://127.0.0.1:1"))

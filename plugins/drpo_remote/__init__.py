@@ -15,9 +15,10 @@ from __future__ import annotations
 import typer
 
 from drpo_core import hookimpl
+from drpo_core.context import BuildContext
 from drpo_core.hookspecs import Register
 from drpo_core.interfaces import Ranker
-from drpo_remote.client import RemoteOptions, _build_binary, _build_graded, check_url
+from drpo_remote.options import RemoteOptions, check_url
 
 
 @hookimpl
@@ -33,3 +34,16 @@ def drpo_register_commands(cli: typer.Typer) -> None:
     from drpo_remote.commands import serve_ranker
 
     cli.command("serve-ranker")(serve_ranker)
+
+
+# module-level factories (the ranker worker imports them by name); the client, with torch, only when built
+def _build_graded(options: RemoteOptions, context: BuildContext) -> Ranker:
+    from drpo_remote.client import build_remote
+
+    return build_remote(options, context, binary=False)
+
+
+def _build_binary(options: RemoteOptions, context: BuildContext) -> Ranker:
+    from drpo_remote.client import build_remote
+
+    return build_remote(options, context, binary=True)

@@ -17,19 +17,18 @@ import os
 import socket
 import time
 import urllib.error
-import urllib.parse
 import urllib.request
 import uuid
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
 
 from drpo_core.context import BuildContext
 from drpo_core.errors import ConfigError
 from drpo_core.interfaces import API_VERSION, Ranker
 from drpo_core.worker import WorkerLost
+from drpo_remote.options import RemoteOptions
 from drpo_remote.wire import (
     METADATA,
     SCORE,
@@ -41,33 +40,12 @@ from drpo_remote.wire import (
 )
 
 
-class RemoteOptions(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    token_env: str | None = Field(None, description="environment variable holding the server's bearer token")
-    request_timeout: float = Field(30.0, gt=0, description="seconds one HTTP request may take")
-    retries: int = Field(4, ge=0, description="retries of a request that failed in a way that may pass")
-    backoff: float = Field(0.5, ge=0, description="seconds before the first retry; doubles with each one")
-    batch_size: int = Field(32, ge=1, description="images per request")
-
-
 class RemoteRankerError(WorkerLost):
     """The server could not be reached, or answered wrongly, within the deadline."""
 
 
 class _Retryable(Exception):
     """A failure that may pass: no connection, no answer in time, a server error."""
-
-
-def check_url(url: str) -> str | None:
-    """What is wrong with a server URL (the ranker's variant), or None."""
-    parts = urllib.parse.urlsplit(url)
-    if parts.scheme not in ("http", "https") or not parts.hostname:
-        return "expected a server URL such as http://127.0.0.1:8765"
-    try:
-        parts.port  # noqa: B018 (a bad port raises)
-    except ValueError as error:
-        return str(error)
-    return None
 
 
 def _margin(deadline: float) -> float:
@@ -188,11 +166,7 @@ def _token(variable: str | None) -> str | None:
     return token
 
 
-def remote_factory(binary: bool) -> Callable[[RemoteOptions, BuildContext], Ranker]:
-    return _build_binary if binary else _build_graded
-
-
-def _build(options: RemoteOptions, context: BuildContext, binary: bool) -> RemoteRanker:
+def build_remote(options: RemoteOptions, context: BuildContext, binary: bool) -> RemoteRanker:
     name = "remote-binary" if binary else "remote"
     if not context.variant:
         raise ConfigError(f"ranker {name!r} needs the server's URL: {name}:http://HOST:PORT")
@@ -201,12 +175,3 @@ def _build(options: RemoteOptions, context: BuildContext, binary: bool) -> Remot
                           "call may take, retries included), e.g. --set rankers.0.timeout=120")
     kind = BinaryRemoteRanker if binary else RemoteRanker
     return kind(context.variant, options, context.timeout, binary=binary)
-
-
-# module-level factories: the worker process imports them by name
-def _build_graded(options: RemoteOptions, context: BuildContext) -> RemoteRanker:
-    return _build(options, context, binary=False)
-
-
-def _build_binary(options: RemoteOptions, context: BuildContext) -> RemoteRanker:
-    return _build(options, context, binary=True)
