@@ -10,7 +10,7 @@ components::
         register("imq", build_imq, summary="inverse multiquadric")
 
 ``register(name, factory, *, options=None, defaults=None, pair_defaults=None, variants=None,
-aliases=(), summary="", provides=(), requires=())``:
+aliases=(), summary="", provides=(), requires=(), units=None)``:
 
 * ``factory(options, context)`` builds the component; ``options`` is an instance of the
   ``options`` pydantic model (or ``{}`` when there is none), ``context`` a
@@ -32,6 +32,8 @@ aliases=(), summary="", provides=(), requires=())``:
 * ``provides`` / ``requires``: capabilities checked when a run is resolved, before anything loads.
   A generator provides what it can hand on (``"latents"``, ``"images"``, a model family); a feature
   space requires them; a ranker provides ``"binary"`` when its scores are 0/1 correctness.
+* ``units``: a ranker's :class:`drpo_core.interfaces.Units`, how ``drpo eval`` reports its scores
+  (``Units(100)``: PickScore x100 as in the paper's tables); none: raw scores.
 
 When two recommendations disagree, the more specific wins: pair recommendations, then the generator,
 the feature space, the rankers in list order, the kernel (``drpo config show`` lists each conflict).
@@ -49,7 +51,7 @@ from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 import pluggy
 
 from drpo_core.context import BuildContext
-from drpo_core.interfaces import FeatureSpace, Generator, Kernel, Ranker
+from drpo_core.interfaces import FeatureSpace, Generator, Kernel, Ranker, Units
 
 if TYPE_CHECKING:
     import typer
@@ -84,6 +86,7 @@ class Register(Protocol[T_contra]):
         summary: str = "",
         provides: Iterable[str] = (),
         requires: Iterable[str] = (),
+        units: Units | None = None,
     ) -> None: ...
 
 

@@ -120,6 +120,12 @@ class Ranker(ABC):
     #: the score can be back-propagated through ``score_differentiable``: read by gradient baselines such as
     #: DRaFT (DrPO never does)
     differentiable: ClassVar[bool] = False
+    #: the range a working model's scores fall in, on its authors' scale (``drpo doctor`` checks real weights
+    #: against it); None: not declared
+    score_range: tuple[float, float] | None = None
+    #: whether the score depends on the prompt: ``drpo doctor`` then checks that a caption describing a photo
+    #: outscores one that does not (for a ranker that ignores it, that the caption changes nothing)
+    uses_prompt: bool = True
 
     @abstractmethod
     def score(
@@ -139,6 +145,20 @@ class Ranker(ABC):
         """``(B,)`` scores that back-propagate to ``images`` when grad is enabled (gradient baselines such as
         DRaFT call it); rankers that declare ``differentiable = True`` implement it."""
         raise NotImplementedError(f"{type(self).__name__} is not differentiable")
+
+
+@dataclass(frozen=True)
+class Units:
+    """How ``drpo eval`` reports a ranker's scores: ``scale`` times the raw score, named ``label`` in its
+    tables (the paper prints PickScore x100, ImageReward x10, aesthetic raw). Declared once, at the ranker's
+    registration (``register(..., units=Units(100))``); a ranker without it is reported raw."""
+
+    scale: float = 1.0
+    #: what the table header says; default ``x100`` for a scale of 100, ``raw`` for 1
+    label: str = ""
+
+    def __str__(self) -> str:
+        return self.label or ("raw" if self.scale == 1 else f"x{self.scale:g}")
 
 
 @dataclass(frozen=True)

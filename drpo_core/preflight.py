@@ -66,6 +66,23 @@ def check_device(device: str, where: str = "device") -> None:
                           f"GPU{'s' if len(gpus) > 1 else ''} (available: {', '.join(available)})")
 
 
+def best_device() -> str:
+    """The device ``--device auto`` means: ``cuda`` when torch sees a GPU, else ``mps`` where present, else ``cpu``."""
+    import torch
+
+    if torch.cuda.is_available():
+        return "cuda"
+    if torch.backends.mps.is_available():
+        return "mps"
+    return "cpu"
+
+
+def resolve_device(device: str, where: str = "--device") -> str:
+    """``device`` checked as :func:`check_device` does, with ``auto`` replaced by :func:`best_device`."""
+    check_device(device, where)
+    return best_device() if device == "auto" else device
+
+
 def available_devices() -> list[str]:
     """The devices torch can use here: ``cpu``, then ``cuda:0``... and ``mps`` where present."""
     import torch

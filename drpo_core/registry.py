@@ -30,7 +30,7 @@ from drpo_core import hookspecs
 from drpo_core.assets import Asset
 from drpo_core.context import BuildContext
 from drpo_core.errors import ConfigError, PluginError
-from drpo_core.interfaces import API_VERSION
+from drpo_core.interfaces import API_VERSION, Units
 from drpo_core.validation import validate_model
 
 ENTRY_POINT_GROUP = "drpo"
@@ -77,6 +77,8 @@ class ComponentSpec:
     requires: tuple[str, ...] = ()
     #: what a data kind registers instead of a factory (an asset's :class:`drpo_core.assets.Asset`)
     record: Any = None
+    #: a ranker's report units (``drpo eval``); None: raw scores
+    units: Units | None = None
 
     def recommended(self, variant: str | None) -> dict[str, Any]:
         """The component's recommended run settings for a variant, as ``{"dotted.key": value}``."""
@@ -349,7 +351,8 @@ def _check_built(spec: ComponentSpec, component: Any) -> None:
 
 
 def _normalise(details: dict[str, Any]) -> dict[str, Any]:
-    allowed = {"options", "defaults", "pair_defaults", "variants", "aliases", "summary", "provides", "requires"}
+    allowed = {"options", "defaults", "pair_defaults", "variants", "aliases", "summary", "provides", "requires",
+               "units"}
     unknown = set(details) - allowed
     if unknown:
         raise TypeError(f"register() got unexpected keyword(s): {', '.join(sorted(unknown))}")

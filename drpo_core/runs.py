@@ -7,7 +7,7 @@ import math
 import os
 import platform
 import subprocess
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -16,14 +16,37 @@ import numpy as np
 import torch
 from PIL import Image
 
-from drpo_core.checkpoint import assign_parameters, load_checkpoint, resolve_checkpoint, split_trainable
+from drpo_core.checkpoint import (
+    CHECKPOINTS_DIR,
+    assign_parameters,
+    load_checkpoint,
+    resolve_checkpoint,
+    split_trainable,
+)
 from drpo_core.config import ResolvedConfig, parse_assignment, read_yaml, resolve_config, set_dotted
 from drpo_core.context import BuildContext
 from drpo_core.errors import ConfigError, DrpoError
 from drpo_core.jsonl import read_jsonl
-from drpo_core.noise import sample_noise
+from drpo_core.noise import protocol_noise
 from drpo_core.prompts import PromptRecord
 from drpo_core.registry import get_registry
+from drpo_core.report import (
+    DEFAULT_PROMPTS,
+    PAPER_RANKERS,
+    PAPER_SEEDS,
+    Progress,
+    Render,
+    build_rankers,
+    build_report,
+    check_batch_size,
+    check_rankers,
+    checked_scores,
+    eval_seeds,
+    evaluate_generators,
+    render,
+    select_prompts,
+    split_assignments,
+)
 from drpo_core.sources import load_image
 
 
@@ -50,55 +73,160 @@ def load_generator(run_dir: str | Path, checkpoint: str = "latest", device: str 
 
 
 def base_generator(reference: str, assignments: list[str], device: str = "cpu") -> Any:
-    """A generator built from its name and ``--set generator.KEY=VALUE`` options, untrained."""
+    """A generator built from its name and ``--set generator.KEY=VALUE`` options, untrained; on CUDA in fp16
+    (the paper's sampling precision) unless ``--set generator.dtype=...`` says otherwise."""
     options: dict[str, Any] = {}
     for line in assignments:
         key, value = parse_assignment(line)
         if not key.startswith("generator."):
             raise ConfigError(f"--set {key}: without a run, only generator.* options apply")
         set_dotted(options, key.removeprefix("generator."), value)
-    return get_registry().build("generator", reference, options, BuildContext(device=device), "generator")
+    precision = "fp16" if device.startswith("cuda") else "no"
+    return get_registry().build("generator", reference, options,
+                                BuildContext(device=device, mixed_precision=precision), "generator")
+
+
+def evaluate_target(target: Path | None, *, generator: str | None, rankers: Sequence[str],
+                    assignments: Sequence[str], prompts: str | None, limit: int | None, seeds: str | None,
+                    device: str, batch_size: int, checkpoint: str = "latest", json_path: Path | None = None,
+                    progress: Callable[[int], Progress] | None = None) -> dict[str, Any]:
+    """``drpo eval``: the report (:func:`drpo_core.report.build_report`) of a run directory (its ``checkpoint``
+    against its base), a base ``generator`` alone, or the images of a manifest (``target`` ending in ``.jsonl``).
+
+    ``device`` is one this machine has (:func:`drpo_core.preflight.resolve_device` checks it). Every other input
+    is checked before anything loads: the rankers (names and ``--set rankers.NAME.KEY=VALUE`` options; the
+    paper's four when none is named), the prompts and seeds, the run's weights, where ``json_path`` goes.
+    ``progress(total)`` returns a callback told how many (prompt, seed) pairs each batch finished."""
+    check_batch_size(batch_size)
+    names = list(rankers) or list(PAPER_RANKERS)
+    generator_lines, ranker_options = split_assignments(assignments, names)
+    ranker_options = check_rankers(names, ranker_options)
+    if json_path is not None:
+        check_out_dir(json_path.parent, "--json")
+        if json_path.is_dir():
+            raise DrpoError(f"--json {json_path} is a folder")
+    context = BuildContext(device=device)
+    if target is not None and target.suffix == ".jsonl":
+        given = [flag for flag, value in (("--generator", generator or generator_lines), ("--prompts", prompts),
+                                          ("--limit", limit), ("--seeds", seeds)) if value]
+        if given:
+            raise DrpoError(f"{target}: a manifest's images are made already; {', '.join(given)} do not apply")
+        read_manifest(target)
+        return evaluate_manifest(target, build_rankers(names, ranker_options, context), device=device)
+    selection, seed_list = select_prompts(prompts or DEFAULT_PROMPTS, limit), eval_seeds(seeds or PAPER_SEEDS)
+    model, sides = eval_sides(target, generator, generator_lines, checkpoint, device)
+    model.check_prompts(list(dict.fromkeys(r.text for r in selection.records)))
+    built = build_rankers(names, ranker_options, context)
+    advance = progress(len(selection.records) * len(seed_list)) if progress is not None else None
+    return evaluate_generators(sides, model, selection, seed_list, built, batch_size=batch_size, progress=advance)
+
+
+def eval_sides(run_dir: Path | None, generator: str | None, generator_lines: list[str], checkpoint: str,
+               device: str) -> tuple[Any, dict[str, tuple[str, Render]]]:
+    """What ``drpo eval`` compares: a run's base and fine-tuned generator (one model: its frozen ``reference``
+    and its trained ``sample``, on the same noise), or a base generator alone. Returns the model and
+    ``{side: (label, render)}``."""
+    if run_dir is not None:
+        if generator:
+            raise DrpoError(f"{run_dir}: give a run directory or --generator, not both (the run names its generator)")
+        if generator_lines:
+            raise ConfigError("--set generator.*: a run's generator is rebuilt as it was trained; evaluate another "
+                              "base model with --generator NAME --set generator.KEY=VALUE")
+        check_run_weights(run_dir, checkpoint)
+        resolved, model = load_generator(run_dir, checkpoint, device)
+        step = resolve_checkpoint(run_dir, checkpoint).name
+        return model, {"base": (_generator_label(resolved.config.generator.name, model), render(model, base=True)),
+                       "finetuned": (f"{run_dir} ({step})", render(model, base=False))}
+    if generator is None:
+        raise DrpoError("drpo eval: give a run directory, a manifest.jsonl or --generator NAME")
+    model = base_generator(generator, generator_lines, device)
+    return model, {"base": (_generator_label(generator, model), render(model, base=True))}
+
+
+def _generator_label(name: str, model: Any) -> str:
+    """``sd-turbo (stabilityai/sd-turbo)``: the generator and, when it says, the base model it loaded."""
+    base = getattr(model, "base_model", "")
+    return f"{name} ({base})" if base else name
+
+
+def check_run_weights(run_dir: Path, checkpoint: str = "latest") -> None:
+    """``run_dir`` is a run with trained weights to load (``checkpoint`` of them): else one line saying what
+    it lacks. Cheap: nothing is loaded."""
+    if not run_dir.is_dir():
+        raise DrpoError(f"{run_dir}: not a directory (give a run directory, a manifest.jsonl or --generator)")
+    if not (run_dir / "config.yaml").is_file():
+        raise DrpoError(f"{run_dir} holds no config.yaml: it is not a drpo run directory")
+    steps = run_dir / CHECKPOINTS_DIR
+    if not (run_dir / "state.json").is_file() and not (steps.is_dir() and any(steps.glob("step-*"))):
+        raise DrpoError(f"{run_dir} holds no trained weights yet (no checkpoint in {steps})")
+    resolve_checkpoint(run_dir, checkpoint)  # a step that is not there, an incomplete checkpoint: its own line
 
 
 def sample_images(generator: Any, records: Sequence[PromptRecord], seeds: Sequence[int], out_dir: Path,
-                  batch_size: int = 8) -> Path:
-    """PNG files and a ``manifest.jsonl`` of ``{"prompt", "seed", "file"}`` rows."""
+                  batch_size: int = 8, prompt_ids: Sequence[int] | None = None) -> Path:
+    """PNG files and a ``manifest.jsonl`` of ``{"prompt", "prompt_id", "seed", "file", "metadata"}`` rows.
+
+    The noise of (prompt, seed) is :func:`drpo_core.noise.protocol_noise` of the prompt's position in its file,
+    ``prompt_ids[i]`` (default: ``i``): the images ``drpo eval`` scores for the same prompt set and seeds.
+    """
+    ids = list(range(len(records))) if prompt_ids is None else list(prompt_ids)
+    if len(ids) != len(records):
+        raise ValueError(f"{len(ids)} prompt ids for {len(records)} prompts")
     generator.check_prompts(list(dict.fromkeys(record.text for record in records)))
     check_out_dir(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    jobs = [(i, record, seed) for i, record in enumerate(records) for seed in seeds]
+    jobs = [(i, record, seed) for i, record in zip(ids, records, strict=True) for seed in seeds]
     rows = []
     generator.train(False)
     for start in range(0, len(jobs), batch_size):
         chunk = jobs[start:start + batch_size]
-        noise = torch.stack([sample_noise(generator.noise_shape, i, s) for i, _, s in chunk]).to(generator.device)
+        noise = torch.stack([protocol_noise(generator.noise_shape, i, s) for i, _, s in chunk]).to(generator.device)
         with torch.no_grad():
             images = generator.decode(generator.sample([r.text for _, r, _ in chunk], noise)).float().clamp(0, 1)
         for (i, record, seed), image in zip(chunk, images.cpu(), strict=True):
             name = f"p{i:05d}-s{seed}.png"
             pixels = (image.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
             Image.fromarray(pixels).save(out_dir / name)
-            rows.append({"prompt": record.text, "seed": seed, "file": name, "metadata": record.metadata})
+            rows.append({"prompt": record.text, "prompt_id": i, "seed": seed, "file": name,
+                         "metadata": record.metadata})
     manifest = out_dir / "manifest.jsonl"
     manifest.write_text("".join(json.dumps(row) + "\n" for row in rows))
     return manifest
 
 
-def score_manifest(manifest: Path, rankers: Sequence[tuple[str, Any]], batch_size: int = 16) -> dict[str, float]:
-    """Mean score of each ranker over the images a manifest lists; writes ``scores.jsonl`` beside it."""
+def score_manifest(manifest: Path, rankers: Sequence[tuple[str, Any]], batch_size: int = 16) -> dict[str, np.ndarray]:
+    """Each ranker's score of every image a manifest lists, in its order (float64, checked: one finite score
+    per image); also written to ``scores.jsonl`` beside it. The images are read ``batch_size`` at a time."""
     rows = read_manifest(manifest)
-    scores: dict[str, list[float]] = {name: [] for name, _ in rankers}
+    scores: dict[str, list[np.ndarray]] = {name: [] for name, _ in rankers}
     for start in range(0, len(rows), batch_size):
         chunk = rows[start:start + batch_size]
         images = torch.stack([load_image(manifest.parent / row["file"]) for row in chunk])
+        prompts, metadata = [r["prompt"] for r in chunk], [r.get("metadata") for r in chunk]
         for name, ranker in rankers:
-            with torch.no_grad():
-                values = ranker.score(images, [r["prompt"] for r in chunk], [r.get("metadata") for r in chunk])
-            scores[name] += torch.as_tensor(values, dtype=torch.float32).flatten().tolist()
+            where = [f"{manifest.name}:{start + i + 1}" for i in range(len(chunk))]
+            scores[name].append(checked_scores(name, ranker, images, prompts, metadata, where))
+    found = {name: np.concatenate(values) if values else np.zeros(0) for name, values in scores.items()}
     with (manifest.parent / "scores.jsonl").open("w") as handle:
         for i, row in enumerate(rows):
-            handle.write(json.dumps({"file": row["file"], **{n: s[i] for n, s in scores.items()}}) + "\n")
-    return {name: float(np.mean(values)) for name, values in scores.items()}
+            handle.write(json.dumps({"file": row["file"], **{n: float(s[i]) for n, s in found.items()}}) + "\n")
+    return found
+
+
+def evaluate_manifest(manifest: Path, rankers: Sequence[Any], batch_size: int = 16, device: str = "cpu") -> dict[str, Any]:
+    """The report of :func:`drpo_core.report.build_report` for the images a manifest lists (one side,
+    ``images``): each ranker's mean and std in its units, per group too."""
+    start = datetime.now(UTC)
+    rows = read_manifest(manifest)
+    scores = score_manifest(manifest, [(r.name, r.ranker) for r in rankers], batch_size)
+    records = [PromptRecord(row["prompt"], row.get("metadata")) for row in rows]
+    seeds = sorted({row["seed"] for row in rows if isinstance(row.get("seed"), int)})
+    prompts = {"set": str(manifest), "path": str(manifest), "count": len(dict.fromkeys(r.text for r in records)),
+               "total": len(rows), "limit": None, "subset_seed": None}
+    return build_report(prompts=prompts, seeds=seeds, sides={"images": str(manifest.parent)}, device=device,
+                        records=records, rankers=rankers,
+                        scores={"images": {name: values[:, None] for name, values in scores.items()}},
+                        seconds=(datetime.now(UTC) - start).total_seconds())
 
 
 def read_manifest(manifest: Path) -> list[dict[str, Any]]:

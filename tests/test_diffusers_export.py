@@ -80,7 +80,7 @@ def test_diffusers_lora(trained, tiny_dirs, tmp_path):
     pipe = DiffusionPipeline.from_pretrained(tiny_dirs[arch])
     pipe.load_lora_weights(out)
     assert_reproduces(pipe, trained)
-    assert_card(out, tiny_dirs[arch].name)
+    assert_card(out, tiny_dirs[arch])  # the model as the generator was given it, not its folder's name
 
 
 def test_kohya_lora(trained, tiny_dirs, tmp_path):

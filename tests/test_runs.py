@@ -30,11 +30,16 @@ def test_sample_then_eval_round_trip(tmp_path, finished_run):
     pixels = [np.asarray(Image.open(tmp_path / d / rows[0]["file"])) for d in ("a", "b")]
     assert np.array_equal(*pixels)  # same run, prompt and seed: the same image
 
-    result = runner.invoke(app, ["eval", str(tmp_path / "a" / "manifest.jsonl"), "--ranker", "tiny-brightness"])
+    report = tmp_path / "report.json"
+    result = runner.invoke(app, ["eval", str(tmp_path / "a" / "manifest.jsonl"), "--ranker", "tiny-brightness",
+                                 "--json", str(report)])
     assert result.exit_code == 0, result.output
-    expected = np.mean([np.asarray(Image.open(tmp_path / "a" / r["file"])) / 255.0 for r in rows])
-    name, value = result.output.strip().split("\t")
-    assert name == "tiny-brightness" and abs(float(value) - expected) < 1e-6
+    per_image = [np.asarray(Image.open(tmp_path / "a" / r["file"])).mean() / 255.0 for r in rows]
+    found = json.loads(report.read_text())["rankers"]["tiny-brightness"]
+    assert found["units"] == "raw" and found["images"]["n"] == 6
+    assert abs(found["images"]["mean"] - np.mean(per_image)) < 1e-6
+    assert abs(found["images"]["std"] - np.std(per_image)) < 1e-6  # population std, as the paper's summaries
+    assert "tiny-brightness" in result.stdout and f"{np.mean(per_image):.4g}" in result.stdout
 
 
 def test_export_of_a_generator_without_formats_is_one_clear_error(finished_run):

@@ -166,47 +166,106 @@ def config_validate(file: Annotated[Path | None, typer.Argument(help="YAML recip
                    f"continue it with --resume latest --output-dir {run_dir}, or give another --output-dir")
 
 
+DeviceOpt = Annotated[str, typer.Option(help="auto (cuda if torch sees a GPU, else mps, else cpu), cpu, cuda, cuda:N, mps.")]
+SeedsOpt = Annotated[str, typer.Option(help="Seeds per prompt: 42-46 (the paper's) or 1,5,9.")]
+LimitOpt = Annotated[int | None, typer.Option(help="Only N prompts, a seeded subset (quick runs).")]
+BatchOpt = Annotated[int, typer.Option("--batch-size", help="(prompt, seed) images generated at once.")]
+
+
 @app.command()
-def sample(prompts: Annotated[Path, typer.Option("--prompts", help="Prompt file (.txt, .jsonl, .tsv).")],
+def sample(prompts: Annotated[str, typer.Option("--prompts", help="pickscore-test, parti, geneval or a prompt file "
+                                                                  "(.txt, .jsonl, .tsv).")],
            out: Annotated[Path, typer.Option("--out", help="Folder for the images and manifest.jsonl.")],
            run: Annotated[Path | None, typer.Option("--run", help="A run directory (its latest weights).")] = None,
-           generator: GeneratorOpt = None, assignments: SetOpt = None,
-           seeds: Annotated[str, typer.Option(help="Seeds: 42-46 or 1,5,9.")] = "42-46",
-           device: Annotated[str, typer.Option(help="cpu, cuda, cuda:N.")] = "cpu"):
-    """Generate images for prompts x seeds, with a manifest that `drpo eval` reads."""
-    from drpo_core.config import parse_seeds, read_yaml
-    from drpo_core.preflight import check_device
-    from drpo_core.prompts import load_prompts
-    from drpo_core.runs import base_generator, check_out_dir, load_generator, sample_images
+           generator: GeneratorOpt = None, assignments: SetOpt = None, seeds: SeedsOpt = "42-46",
+           limit: LimitOpt = None, device: DeviceOpt = "auto", batch_size: BatchOpt = 8):
+    """Generate images for prompts x seeds (the noise `drpo eval` draws), with a manifest `drpo eval` reads."""
+    from drpo_core.config import read_yaml
+    from drpo_core.preflight import resolve_device
+    from drpo_core.report import check_batch_size, eval_seeds, select_prompts
+    from drpo_core.runs import base_generator, check_out_dir, check_run_weights, load_generator, sample_images
 
-    check_device(device, "--device")  # the cheap checks first: nothing loads for a bad input
+    device = resolve_device(device)  # the cheap checks first: nothing loads for a bad input
+    check_batch_size(batch_size)
     check_out_dir(out)
-    records = load_prompts(prompts)
-    try:
-        seed_list = parse_seeds(seeds)
-    except ValueError as error:
-        raise DrpoError(f"--seeds: {error}") from None
+    selection = select_prompts(prompts, limit)
+    seed_list = eval_seeds(seeds)
     if run is None:  # the base generator alone: the embedded default's unless --generator names one
         model = base_generator(generator or read_yaml(DEFAULT_RECIPE)["generator"], assignments or [], device)
     else:
+        check_run_weights(run)
         _, model = load_generator(run, device=device)
-    manifest = sample_images(model, records, seed_list, out)
-    typer.echo(f"wrote {manifest}")
+    manifest = sample_images(model, selection.records, seed_list, out, batch_size, selection.ids)
+    typer.echo(f"wrote {manifest}: {len(selection.records) * len(seed_list)} images ({len(selection.records)} "
+               f"prompts x {len(seed_list)} seeds) on {device}")
 
 
 @app.command("eval")
-def evaluate(manifest: Annotated[Path, typer.Argument(help="manifest.jsonl written by `drpo sample`.")],
-             rankers: Annotated[list[str], typer.Option("--ranker", help="Ranker NAME[:VARIANT], repeatable.")]):
-    """Score the images of a manifest with one or more rankers (mean per ranker)."""
-    from drpo_core.context import BuildContext
-    from drpo_core.registry import get_registry
-    from drpo_core.runs import read_manifest, score_manifest
+def evaluate(target: Annotated[Path | None, typer.Argument(
+                 help="A run directory (its latest weights against its base generator, on the same noise) or a "
+                      "manifest.jsonl written by `drpo sample`.")] = None,
+             generator: Annotated[str | None, typer.Option(
+                 "--generator", help="Evaluate a base generator NAME[:VARIANT] alone (options: --set generator.KEY=V).")
+             ] = None,
+             rankers: Annotated[list[str] | None, typer.Option(
+                 "--ranker", help="Ranker NAME[:VARIANT], repeatable (default: the paper's pickscore, clip, aesthetic, "
+                                  "hpsv2).")] = None,
+             assignments: Annotated[list[str] | None, typer.Option(
+                 "--set", help="rankers.NAME.KEY=VALUE (a ranker's options, e.g. rankers.pickscore.model=DIR) or "
+                               "generator.KEY=VALUE (with --generator); repeatable.")] = None,
+             prompts: Annotated[str | None, typer.Option(
+                 help="pickscore-test (default), parti, geneval or a prompt file.")] = None,
+             limit: LimitOpt = None,
+             seeds: Annotated[str | None, typer.Option(help="Seeds per prompt: 42-46 (default, the paper's) or 1,5,9.")]
+             = None,
+             device: DeviceOpt = "auto", batch_size: BatchOpt = 8,
+             checkpoint: Annotated[str, typer.Option(help="The run's checkpoint: latest or a step.")] = "latest",
+             json_path: Annotated[Path | None, typer.Option("--json", help="Write the full results here.")] = None):
+    """Score base and fine-tuned images in the paper's units: mean ± std per ranker, the paired difference with
+    a 95% interval (over prompts), per group too; a table, and JSON with --json."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemainingColumn
 
-    read_manifest(manifest)  # a bad manifest fails before any ranker loads
-    registry = get_registry()
-    built = [(name, registry.build("ranker", name, {}, BuildContext(), "--ranker")) for name in rankers]
-    for name, mean in score_manifest(manifest, built).items():
-        typer.echo(f"{name}\t{mean:.6f}")
+    from drpo_core.preflight import resolve_device
+    from drpo_core.report import print_report
+    from drpo_core.runs import evaluate_target
+
+    device = resolve_device(device)  # the cheap checks first: nothing loads for a bad input
+    with Progress("{task.description}", BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                  console=Console(stderr=True), transient=True) as bar:
+
+        def progress(total: int):
+            task = bar.add_task("(prompt, seed) pairs", total=total)
+            return lambda done: bar.advance(task, done)
+
+        result = evaluate_target(target, generator=generator, rankers=rankers or [], assignments=assignments or [],
+                                 prompts=prompts, limit=limit, seeds=seeds, device=device, batch_size=batch_size,
+                                 checkpoint=checkpoint, json_path=json_path, progress=progress)
+    print_report(result, console)
+    if json_path is not None:
+        json_path.parent.mkdir(parents=True, exist_ok=True)
+        json_path.write_text(json.dumps(result, indent=2) + "\n")
+        console.print(f"wrote {json_path}", highlight=False)
+
+
+@app.command()
+def doctor(rankers: Annotated[list[str] | None, typer.Argument(
+               help="Rankers to check (default: the recipe's, else every installed ranker that loads model "
+                    "weights).")] = None,
+           config: Annotated[Path | None, typer.Option(
+               "--config", "-c", help="Recipe whose rankers and eval.rankers sections give the options.")] = None,
+           assignments: Annotated[list[str] | None, typer.Option(
+               "--set", help="rankers.NAME.KEY=VALUE, repeatable (e.g. rankers.pickscore.model=/models/ps).")] = None,
+           device: Annotated[str, typer.Option(help="auto (the first GPU, else cpu), cpu, cuda, cuda:N.")] = "auto"):
+    """Check rankers with your weights on four photographs, each with a matching and a mismatching caption:
+    one line per ranker, exit code 0 when all pass, 1 when one fails."""
+    from drpo_core.doctor import exit_code, pick_device, requests, run_doctor
+
+    checks = requests(rankers or [], assignments or [], config)  # bad input fails here, before any model loads
+    where = pick_device(device)
+    verdicts = run_doctor(checks, device=where)
+    for verdict in verdicts:
+        typer.echo(verdict.line)
+    raise typer.Exit(exit_code(verdicts))
 
 
 @app.command()

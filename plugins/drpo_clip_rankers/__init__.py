@@ -14,8 +14,9 @@ describes the image paths, the precision and the checks.
   ``HPS_v2_compressed.pt`` / ``HPS_v2.1_compressed.pt``), an open_clip ViT-H-14 converted to a transformers
   ``CLIPModel`` when loaded (:mod:`drpo_clip_rankers.convert`); about 0.2-0.35.
 
-The paper's tables print PickScore, CLIP and HPSv2 x100. Every ranker here is also differentiable
-(``score_differentiable``, tensor preprocessing) for gradient baselines; DrPO itself never uses it.
+The paper's tables print PickScore, CLIP and HPSv2 x100 and the aesthetic score raw: each ranker registers these
+``units``, which ``drpo eval`` reports in. Every ranker here is also differentiable (``score_differentiable``,
+tensor preprocessing) for gradient baselines; DrPO itself never uses it.
 
 Registration only: torch and transformers are imported inside the factories.
 """
@@ -34,18 +35,21 @@ from drpo_clip_rankers.options import (
 from drpo_core import hookimpl
 from drpo_core.context import BuildContext
 from drpo_core.hookspecs import Register, RegisterAsset
-from drpo_core.interfaces import Ranker
+from drpo_core.interfaces import Ranker, Units
 
 
 @hookimpl
 def drpo_register_rankers(register: Register[Ranker]) -> None:
-    register("pickscore", _pickscore, options=PickScoreOptions,
+    # units: how `drpo eval` reports them, as the paper's tables do (PickScore, CLIP and HPSv2 x100, aesthetic raw)
+    register("pickscore", _pickscore, options=PickScoreOptions, units=Units(100),
              summary="PickScore_v1: image-prompt cosine of a preference-tuned CLIP ViT-H/14")
-    register("clip", _clip, options=ClipModelOptions, summary="CLIP score: image-prompt cosine of CLIP ViT-L/14")
-    register("aesthetic", _aesthetic, options=AestheticOptions,
+    register("clip", _clip, options=ClipModelOptions, units=Units(100),
+             summary="CLIP score: image-prompt cosine of CLIP ViT-L/14")
+    register("aesthetic", _aesthetic, options=AestheticOptions, units=Units(1),
              summary="LAION aesthetic predictor: MLP on CLIP ViT-L/14 image embeddings (1-10)")
     for name in HPS_ASSETS:
         register(name, _hps(name), options=HPSv2Options, aliases=("hps",) if name == "hpsv2" else (),
+                 units=Units(100),
                  summary=f"HPS{name[3:]}: image-prompt cosine of an open_clip ViT-H-14 preference fine-tune")
 
 

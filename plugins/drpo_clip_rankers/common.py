@@ -35,6 +35,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from drpo_clip_rankers.options import PROMPT_FREE, SCORE_RANGES
 from drpo_core.context import BuildContext
 from drpo_core.errors import ComponentError, PluginError
 from drpo_core.hub import from_hub_or_cache, resolve_model
@@ -258,6 +259,8 @@ class ClipFamilyRanker(Ranker):
     def __init__(self, name: str, *, images: Callable[[torch.Tensor], torch.Tensor], preprocessing: Preprocessing,
                  device: torch.device, dtype: torch.dtype, batch_size: int) -> None:
         self.name = name
+        self.score_range = SCORE_RANGES.get(name)
+        self.uses_prompt = name not in PROMPT_FREE
         self.images = images
         self.preprocessing = preprocessing
         self.device = device

@@ -20,6 +20,14 @@ HPS_ASSETS = {
                 "summary": "HPSv2.1 checkpoint (open_clip ViT-H-14)"},
 }
 
+#: each ranker's documented score range (``Ranker.score_range``, checked by ``drpo doctor``): a cosine for the
+#: image-prompt similarities (the paper prints it x100, so [-100, 100] there; typically 0.18-0.35), the LAION
+#: predictor's 1-10 rating scale for the aesthetic head
+SCORE_RANGES = {"pickscore": (-1.0, 1.0), "clip": (-1.0, 1.0), "hpsv2": (-1.0, 1.0), "hpsv2.1": (-1.0, 1.0),
+                "aesthetic": (1.0, 10.0)}
+#: rankers whose score does not read the prompt (``Ranker.uses_prompt`` false)
+PROMPT_FREE = ("aesthetic",)
+
 
 class _RunOptions(BaseModel):
     model_config = ConfigDict(extra="forbid")

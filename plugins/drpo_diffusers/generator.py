@@ -133,7 +133,7 @@ class TurboGenerator(Generator):
         self.lora_rank = lora_rank
         self.lora_alpha = lora_alpha
         self.decode_chunk = decode_chunk
-        #: hub id or directory name of the base model, for model cards
+        #: the base model as the run's config names it (hub id or path), for model cards
         self.base_model = base_model
         self.unet, self.vae = pipe.unet, pipe.vae
         self._check_unet()
@@ -204,7 +204,7 @@ class TurboGenerator(Generator):
             decode_chunk=options.decode_chunk,
             vae_slicing=options.vae_slicing,
             vae_tiling=options.vae_tiling,
-            base_model=Path(model).name if is_local else model,
+            base_model=options.model,  # as the user wrote it (hub id or path): the model card loads it so
             one_step=getattr(options, "one_step", "pipeline"),
         )
 

@@ -214,3 +214,45 @@ def tiny_generator(architecture: str, directory: str | Path, *, gradient_checkpo
     if gradient_checkpointing:
         generator.enable_gradient_checkpointing()
     return generator
+
+
+def make_tiny_run(root: str | Path, pipeline: str | Path, prompts: list[str], seed: int = 0) -> Path:
+    """A run directory ``root/run`` of the tiny SD-Turbo at ``pipeline``, whose recipe (``root/recipe.yaml``)
+    names the pipeline by a path relative to itself, with one checkpoint of random LoRA weights (so the
+    fine-tune differs from its base); uses the process-wide registry (``sd-turbo``, ``brightness``,
+    ``latent``)."""
+    import os
+
+    import torch
+    import yaml
+
+    from drpo_core.checkpoint import save_checkpoint
+    from drpo_core.config import resolve_config
+    from drpo_core.context import BuildContext
+    from drpo_core.registry import get_registry
+
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "prompts.txt").write_text("\n".join(prompts) + "\n")
+    recipe = {
+        "generator": {"name": "sd-turbo", "model": os.path.relpath(pipeline, root), "resolution": TINY_RESOLUTION,
+                      "lora_rank": 4, "lora_alpha": 8},
+        "rankers": ["brightness"], "features": "latent",
+        "selection": {"candidates": 4, "positives": 1, "negatives": 1},
+        "train": {"steps": 1, "mixed_precision": "no"},
+        "prompts": {"path": "prompts.txt", "eval_count": 1}, "log": {"progress": False}, "output_dir": "run",
+    }
+    (root / "recipe.yaml").write_text(yaml.safe_dump(recipe))
+    resolved = resolve_config(root / "recipe.yaml")
+    generator = get_registry().build("generator", "sd-turbo", resolved.options["generator"],
+                                     BuildContext(config_dir=resolved.config_dir), "generator")
+    draw = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for parameter in generator.trainable_parameters():
+            parameter.copy_(0.3 * torch.randn(parameter.shape, generator=draw))
+    run = root / "run"
+    run.mkdir()
+    (run / "config.yaml").write_text(resolved.portable_yaml())
+    save_checkpoint(run, 1, trainable=generator.trainable_state_dict(), optimizer_state={}, scheduler_state={},
+                    state={}, config_text=resolved.portable_yaml())
+    return run

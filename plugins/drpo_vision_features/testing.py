@@ -32,14 +32,15 @@ def make_tiny_dinov2(directory: str | Path, seed: int = 0) -> Path:
     return directory
 
 
-def make_tiny_vit_mae(directory: str | Path, seed: int = 0) -> Path:
-    """A 4-layer ViT-MAE encoder of width 32 (``ViTMAEModel``, mask_ratio 0.75 as vit-mae-base) in ``directory``."""
+def make_tiny_vit_mae(directory: str | Path, seed: int = 0, layers: int = TINY_LAYERS) -> Path:
+    """A ``layers``-layer ViT-MAE encoder of width 32 (``ViTMAEModel``, mask_ratio 0.75 as vit-mae-base) in
+    ``directory`` (12 layers: vit-mae-base's depth, so a recipe's ``layers: [12]`` fits)."""
     import torch
     from transformers import ViTMAEConfig, ViTMAEModel
 
     directory = Path(directory)
     torch.manual_seed(seed)
-    config = ViTMAEConfig(image_size=TINY_IMAGE_SIZE, patch_size=8, hidden_size=32, num_hidden_layers=TINY_LAYERS,
+    config = ViTMAEConfig(image_size=TINY_IMAGE_SIZE, patch_size=8, hidden_size=32, num_hidden_layers=layers,
                           num_attention_heads=4, intermediate_size=64, decoder_hidden_size=16,
                           decoder_num_hidden_layers=1, decoder_num_attention_heads=2, decoder_intermediate_size=32,
                           mask_ratio=0.75)
