@@ -1,4 +1,5 @@
-"""Developer sessions: ``nox -s tests``, ``nox -s lint``, ``nox -s typecheck``, ``nox -s demo``."""
+"""Developer sessions: ``nox -s tests``, ``nox -s lint``, ``nox -s typecheck``, ``nox -s demo``,
+``nox -s image_reward_server``."""
 
 import nox
 
@@ -33,3 +34,16 @@ def demo(session: nox.Session) -> None:
     session.install(CPU_TORCH)
     session.install("-e", ".")
     session.run("drpo", "train", *session.posargs, env={"HF_HUB_OFFLINE": "1"})
+
+
+@nox.session(venv_backend="venv")
+def image_reward_server(session: nox.Session) -> None:
+    """The reference ranker server with the real `image-reward` package in its own venv, at a tiny size.
+
+    image-reward 1.5 needs transformers<=4.55, setuptools<81 and undeclared `datasets` and `clip`, which
+    cannot share drpo's environment (docs/remote-rankers.md); its venv here has no drpo at all. Not in CI:
+    it installs an old stack (torch with its matching torchvision)."""
+    session.install("torch==2.14.1", "torchvision==0.29.1", "transformers==4.45.2", "setuptools<81",
+                    "image-reward==1.5", "datasets", "openai-clip", "numpy", "pillow",
+                    "diffusers<0.31")  # image-reward imports diffusers, whose later releases need newer transformers
+    session.run("python", "examples/reference-ranker-server/tiny_image_reward.py", env={"HF_HUB_OFFLINE": "1"})

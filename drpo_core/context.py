@@ -31,3 +31,6 @@ class BuildContext:
     seed: int = 0
     #: directory the YAML config lives in: relative paths in options resolve against it
     config_dir: Path = field(default_factory=Path.cwd)
+    #: seconds one call may take (a ranker section's ``timeout``; the component then runs in a worker process
+    #: that is ended at this deadline); None: no limit, in this process. A remote ranker fits its retries in it
+    timeout: float | None = None

@@ -25,7 +25,8 @@ aliases=(), summary="", provides=(), requires=(), units=None)``:
   when the run also uses that component (a feature space's anchor weights for one generator). A key
   may name a variant (``"sdxl-turbo:paper"``): it applies only with that variant and wins over the
   plain name's.
-* ``variants``: the allowed ``name:variant`` suffixes (``None``: no variant).
+* ``variants``: the allowed ``name:variant`` suffixes (``None``: no variant), or a function that takes
+  a free-form variant (``remote:http://host:port``) and returns what is wrong with it (``None``: fine).
 * ``variants`` with a ``defaults`` function make presets: what ``defaults(variant)`` changes from
   ``defaults(None)`` is shown with the origin ``name:variant`` (``generator sd-turbo:paper``).
 * ``provides`` / ``requires``: capabilities checked when a run is resolved, before anything loads.
@@ -80,7 +81,7 @@ class Register(Protocol[T_contra]):
         options: type | None = None,
         defaults: Recommendations | Callable[[str | None], Recommendations] | None = None,
         pair_defaults: Mapping[str, Recommendations] | None = None,
-        variants: Iterable[str] | None = None,
+        variants: Iterable[str] | Callable[[str], str | None] | None = None,
         aliases: Iterable[str] = (),
         summary: str = "",
         provides: Iterable[str] = (),

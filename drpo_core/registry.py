@@ -68,7 +68,9 @@ class ComponentSpec:
     options: type | None = None
     defaults: Mapping[str, Any] | Callable[[str | None], Mapping[str, Any]] | None = None
     pair_defaults: Mapping[str, Mapping[str, Any]] | None = None
-    variants: tuple[str, ...] | None = None
+    #: allowed ``name:variant`` suffixes, or a function that checks a free-form one (a URL) and returns the
+    #: problem (None: fine)
+    variants: tuple[str, ...] | Callable[[str], str | None] | None = None
     aliases: tuple[str, ...] = ()
     summary: str = ""
     provides: tuple[str, ...] = ()
@@ -252,7 +254,11 @@ class Registry:
             listing = "drpo assets list" if kind == "asset" else "drpo list-plugins"
             raise PluginError(f"unknown {kind} {name!r}: {hint}run `{listing}` to see the installed ones"
                               + self._unloaded_hint())
-        if variant is not None and spec.variants is not None and variant not in spec.variants:
+        if variant is not None and callable(spec.variants):
+            problem = spec.variants(variant)
+            if problem:
+                raise PluginError(f"{kind} {name!r}: variant {variant!r}: {problem}")
+        elif variant is not None and isinstance(spec.variants, tuple) and variant not in spec.variants:
             raise PluginError(
                 f"unknown variant {variant!r} of {kind} {name!r}: choose one of {', '.join(spec.variants)}"
             )
@@ -350,7 +356,7 @@ def _normalise(details: dict[str, Any]) -> dict[str, Any]:
     unknown = set(details) - allowed
     if unknown:
         raise TypeError(f"register() got unexpected keyword(s): {', '.join(sorted(unknown))}")
-    if details.get("variants") is not None:
+    if details.get("variants") is not None and not callable(details["variants"]):
         details["variants"] = tuple(details["variants"])
     for key in ("aliases", "provides", "requires"):
         details[key] = tuple(details.get(key, ()))

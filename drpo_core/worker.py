@@ -69,7 +69,9 @@ class WorkerError(ComponentError):
 
 
 class WorkerLost(ComponentError):
-    """The worker is gone: it passed its deadline (and was ended) or it exited."""
+    """The worker is gone: it passed its deadline (and was ended) or it exited; or what it serves from is
+    (a remote ranker whose server stayed unreachable or answered wrongly until its deadline). The loop
+    checkpoints the completed steps and stops."""
 
 
 class WorkerTimeout(WorkerLost):
@@ -383,10 +385,11 @@ def ranker_in_worker(registry: Registry, reference: str, options: Any, context: 
                           f"{factory} (from {spec.plugin.distribution}) cannot be pickled; register a function "
                           "defined at module level in an importable module (not a lambda, a nested function "
                           "or the main script)") from None
-    context = BuildContext(**{**context.__dict__, "variant": split_reference(reference)[1]})
+    context = BuildContext(**{**context.__dict__, "variant": split_reference(reference)[1], "timeout": timeout})
     report = ("api_version", "binary", "differentiable")
     try:
-        worker = Worker(_build_ranker, (spec.factory, options, context), name=f"ranker {spec.name!r}",
+        # named as referenced: a variant says which one (a remote ranker's is its URL)
+        worker = Worker(_build_ranker, (spec.factory, options, context), name=f"ranker {reference!r}",
                         timeout=timeout, report=report)
     except ImportError as error:
         raise PluginError(f"ranker {spec.name!r} from {spec.plugin.distribution} needs a missing package: "
