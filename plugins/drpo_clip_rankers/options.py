@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import Field
 
 from drpo_core.context import LocalPath
+from drpo_core.ranker_options import ModelRunOptions
 
 #: the laion ViT-H/14 processor: PickScore's (its model card) and the tokenizer of HPSv2's open_clip ViT-H-14
 LAION_VIT_H = "laion/CLIP-ViT-H-14-laion2B-s32B-b79K"
@@ -29,30 +30,7 @@ SCORE_RANGES = {"pickscore": (-1.0, 1.0), "clip": (-1.0, 1.0), "hpsv2": (-1.0, 1
 PROMPT_FREE = ("aesthetic",)
 
 
-class _RunOptions(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    batch_size: int = Field(16, ge=1, description="images per forward pass")
-    dtype: Literal["auto", "fp32", "fp16", "bf16"] = Field(
-        "auto", description="backbone weights; auto: the run's mixed precision on CUDA, fp32 elsewhere (scores are "
-                            "float32 either way)")
-    device: str | None = Field(None, description='where the model runs, e.g. "cuda:1"; default: the run\'s device')
-
-    @field_validator("device")
-    @classmethod
-    def _device(cls, value: str | None) -> str | None:
-        if value is None:
-            return value
-        import torch
-
-        try:
-            torch.device(value)
-        except (RuntimeError, ValueError):
-            raise ValueError(f"{value!r} is not a torch device (cpu, cuda, cuda:1, ...)") from None
-        return value
-
-
-class ClipModelOptions(_RunOptions):
+class ClipModelOptions(ModelRunOptions):
     """A transformers ``CLIPModel`` (or its vision tower) and its processor."""
 
     model: LocalPath = Field(OPENAI_VIT_L, description="hub id or local directory of the CLIP model")
@@ -74,7 +52,7 @@ class AestheticOptions(ClipModelOptions):
                                                      "laion-aesthetic-mlp")
 
 
-class HPSv2Options(_RunOptions):
+class HPSv2Options(ModelRunOptions):
     checkpoint: LocalPath | None = Field(None, description="open_clip checkpoint (.pt, .pth or .safetensors); default: "
                                                            "the asset of the ranker's name")
     tokenizer: LocalPath = Field(LAION_VIT_H, description="hub id or local directory of a transformers CLIP tokenizer")

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import Field, field_validator
 
 from drpo_core.context import LocalPath
+from drpo_core.ranker_options import ModelRunOptions, TorchDevice
 
 #: the detector closest to GenEval's (Mask2Former Swin-S, COCO instance segmentation; GenEval runs mmdet's
 #: checkpoint of the same architecture, whose scores differ slightly)
@@ -17,9 +18,7 @@ CLIP_VIT_L = "openai/clip-vit-large-patch14"
 DETECTOR_MODELS = {"mask2former": MASK2FORMER, "owlv2": OWLV2}
 
 
-class GenevalOptions(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
+class GenevalOptions(ModelRunOptions):
     detector: str = Field("mask2former", description="mask2former (COCO instance segmentation, GenEval's "
                           "architecture), owlv2 (open vocabulary, boxes only), or module:function returning a "
                           "detector of your own (drpo_geneval.detectors.Detector)")
@@ -39,7 +38,7 @@ class GenevalOptions(BaseModel):
     batch_size: int = Field(8, ge=1, description="images per detector forward pass (crops: 4x this per CLIP pass)")
     dtype: Literal["auto", "fp32", "fp16", "bf16"] = Field(
         "auto", description="the models' weights; auto: the run's mixed precision on CUDA, fp32 elsewhere")
-    device: str | None = Field(None, description='where the models run, e.g. "cuda:1"; default: the run\'s device')
+    device: TorchDevice | None = Field(None, description='where the models run, e.g. "cuda:1"; default: the run\'s device')
 
     @field_validator("detector")
     @classmethod
@@ -58,19 +57,6 @@ class GenevalOptions(BaseModel):
             ImageColor.getrgb(value)
         except ValueError:
             raise ValueError(f"{value!r} is not a colour (#999, #808080, gray)") from None
-        return value
-
-    @field_validator("device")
-    @classmethod
-    def _device(cls, value: str | None) -> str | None:
-        if value is None:
-            return value
-        import torch
-
-        try:
-            torch.device(value)
-        except (RuntimeError, ValueError):
-            raise ValueError(f"{value!r} is not a torch device (cpu, cuda, cuda:1, ...)") from None
         return value
 
     def detector_source(self) -> str:

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import Field, model_validator
 
 from drpo_core.context import LocalPath
+from drpo_core.ranker_options import ModelRunOptions, TorchDevice
 
 #: the reward model's weights: Qwen2-VL-7B-Instruct fine-tuned with the reward head (MIT, as the hpsv3 package);
 #: no checksum was published and none could be computed here
@@ -18,9 +19,7 @@ QWEN2_VL_7B = "Qwen/Qwen2-VL-7B-Instruct"
 HPSV3_PIXELS = 256 * 28 * 28
 
 
-class HPSv3Options(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
+class HPSv3Options(ModelRunOptions):
     checkpoint: LocalPath | None = Field(None, description="HPSv3 weights (.safetensors, upstream's key layout); "
                                                            "default: the asset hpsv3 (MizzenAI/HPSv3)")
     base: LocalPath = Field(QWEN2_VL_7B, description="hub id or local directory of the Qwen2-VL base: its config and "
@@ -31,25 +30,12 @@ class HPSv3Options(BaseModel):
     dtype: Literal["auto", "fp32", "fp16", "bf16"] = Field(
         "auto", description="backbone weights; auto: bf16 on CUDA (as HPSv3 was trained), fp32 elsewhere; the "
                             "reward head is float32 either way")
-    device: str | None = Field(None, description='where the model runs, e.g. "cuda:1" to keep a 7B reward off the '
+    device: TorchDevice | None = Field(None, description='where the model runs, e.g. "cuda:1" to keep a 7B reward off the '
                                                  "generator's GPU; default: the run's device")
     min_pixels: int = Field(HPSV3_PIXELS, ge=28 * 28, description="smallest image area after resizing (HPSv3: "
                                                                   "200704)")
     max_pixels: int = Field(HPSV3_PIXELS, ge=28 * 28, description="largest image area after resizing (HPSv3: "
                                                                   "200704)")
-
-    @field_validator("device")
-    @classmethod
-    def _device(cls, value: str | None) -> str | None:
-        if value is None:
-            return value
-        import torch
-
-        try:
-            torch.device(value)
-        except (RuntimeError, ValueError):
-            raise ValueError(f"{value!r} is not a torch device (cpu, cuda, cuda:1, ...)") from None
-        return value
 
     @model_validator(mode="after")
     def _pixels(self) -> HPSv3Options:

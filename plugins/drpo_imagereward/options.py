@@ -4,14 +4,14 @@ from __future__ import annotations
 
 from pydantic import Field
 
-from drpo_clip_rankers.options import _RunOptions
 from drpo_core.context import LocalPath
+from drpo_core.ranker_options import ModelRunOptions
 
 #: the hub repository of ImageReward v1.0: ``ImageReward.pt`` (the state dict) and ``med_config.json``
 IMAGEREWARD_REPO = "THUDM/ImageReward"
 
 
-class ImageRewardOptions(_RunOptions):
+class ImageRewardOptions(ModelRunOptions):
     """Where the weights come from, plus ``batch_size``, ``dtype`` and ``device`` (shared with the CLIP-family
     rankers: a backbone dtype, scores float32 whatever it is)."""
 
