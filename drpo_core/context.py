@@ -1,10 +1,14 @@
-"""What a component factory is told about the run it is built for, and the ``LocalPath`` option marker."""
+"""What a component factory is told about the run it is built for, and option types plugins share: the
+``LocalPath`` marker, ``TorchDevice``, and :class:`ModelRunOptions` (batch size, dtype and device of a ranker on
+a frozen model: a plugin's options subclass it and may redeclare a field to change its default)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Literal
+
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
 
 class _LocalPathMarker:
@@ -34,3 +38,28 @@ class BuildContext:
     #: seconds one call may take (a ranker section's ``timeout``; the component then runs in a worker process
     #: that is ended at this deadline); None: no limit, in this process. A remote ranker fits its retries in it
     timeout: float | None = None
+
+
+def _torch_device(value: str) -> str:
+    import torch  # here: registering a plugin's options must not load torch
+
+    try:
+        torch.device(value)
+    except (RuntimeError, ValueError):
+        raise ValueError(f"{value!r} is not a torch device (cpu, cuda, cuda:1, ...)") from None
+    return value
+
+
+#: an option naming a torch device ("cpu", "cuda", "cuda:1"), checked when the config is validated
+TorchDevice = Annotated[str, AfterValidator(_torch_device)]
+
+
+class ModelRunOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    batch_size: int = Field(16, ge=1, description="images per forward pass")
+    dtype: Literal["auto", "fp32", "fp16", "bf16"] = Field(
+        "auto", description="backbone weights; auto: the run's mixed precision on CUDA, fp32 elsewhere (scores are "
+                            "float32 either way)")
+    device: TorchDevice | None = Field(None, description='where the model runs, e.g. "cuda:1"; default: the run\'s '
+                                                         "device")

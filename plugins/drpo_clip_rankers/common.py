@@ -24,10 +24,9 @@ error naming the ranker (an fp16 overflow, or broken weights).
 
 from __future__ import annotations
 
-import contextlib
 import math
 from collections import OrderedDict
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar, Literal, TypeVar
 
@@ -39,7 +38,7 @@ from drpo_clip_rankers.options import PROMPT_FREE, SCORE_RANGES
 from drpo_core.context import BuildContext
 from drpo_core.errors import ComponentError, PluginError
 from drpo_core.hub import from_hub_or_cache, resolve_model
-from drpo_core.interfaces import Ranker
+from drpo_core.model_rankers import ModelRanker
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -246,7 +245,7 @@ def pooled(output: Any) -> torch.Tensor:
     return embedding
 
 
-class ClipFamilyRanker(Ranker):
+class ClipFamilyRanker(ModelRanker):
     """A ranker on a frozen CLIP-style model: subclasses compute float32 scores from model input.
 
     ``images``: the ranking path (float images in [0, 1] to model input on the CPU); ``preprocessing``: the
@@ -275,60 +274,21 @@ class ClipFamilyRanker(Ranker):
 
     # -- the Ranker API
 
-    def score(self, images: torch.Tensor, prompts: Sequence[str],
-              metadata: Sequence[Mapping[str, Any] | None]) -> torch.Tensor:
-        """One float32 score per image, on the CPU (see the module docstring for the path it takes)."""
-        self._check_inputs(images, prompts)
-        finite = images.detach().flatten(1).isfinite().all(dim=1).cpu()
-        scores = torch.full((len(images),), float("nan"))
-        rows = finite.nonzero().flatten().tolist()
-        with torch.no_grad():
-            for start in range(0, len(rows), self.batch_size):
-                chunk = rows[start:start + self.batch_size]
-                pixels = self.images(images[chunk]).to(self.device, self.dtype)
-                with self._precision():
-                    out = self.scores_of_pixels(pixels, [prompts[i] for i in chunk])
-                scores[chunk] = self._checked(out, len(chunk)).cpu()
-        return scores
+    def score_chunk(self, images: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
+        return self.scores_of_pixels(self.images(images).to(self.device, self.dtype), prompts)
 
     def score_differentiable(self, images: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
         """(B,) float32 scores through tensor resizing and normalisation, differentiable with respect to
         ``images`` when grad is enabled; on the ranker's device. Not validated beyond shapes: a gradient
         baseline checks its own loss."""
-        self._check_inputs(images, prompts)
+        self.check_inputs(images, prompts)
         out = []
         for start in range(0, len(images), self.batch_size):
             chunk = images[start:start + self.batch_size].to(self.device)
             pixels = self.preprocessing.tensor(chunk).to(self.dtype)
-            with self._precision():
+            with self.own_precision():
                 out.append(self.scores_of_pixels(pixels, prompts[start:start + self.batch_size]).float())
         return torch.cat(out)
-
-    # -- helpers
-
-    @contextlib.contextmanager
-    def _precision(self) -> Iterator[None]:
-        """The ranker's own dtype: the caller's autocast (mixed precision) does not apply."""
-        with torch.autocast(device_type=self.device.type, enabled=False):
-            yield
-
-    def _check_inputs(self, images: torch.Tensor, prompts: Sequence[str]) -> None:
-        if not isinstance(images, torch.Tensor) or images.dim() != 4 or images.shape[1] != 3:
-            shape = tuple(images.shape) if isinstance(images, torch.Tensor) else type(images).__name__
-            raise ComponentError(f"ranker {self.name!r} takes images (B, 3, H, W), got {shape}")
-        if len(prompts) != len(images):
-            raise ComponentError(f"ranker {self.name!r} got {len(images)} images but {len(prompts)} prompts")
-
-    def _checked(self, scores: torch.Tensor, expected: int) -> torch.Tensor:
-        scores = scores.detach().float().flatten()
-        if scores.numel() != expected:
-            raise ComponentError(f"ranker {self.name!r} computed {scores.numel()} scores for {expected} images")
-        bad = int((~scores.isfinite()).sum())
-        if bad:
-            hint = " (fp16 overflow? try dtype: bf16 or fp32)" if self.dtype == torch.float16 else ""
-            raise ComponentError(f"ranker {self.name!r} computed non-finite scores for {bad} of {expected} images "
-                                 f"with finite pixels{hint}")
-        return scores
 
 
 class TextEmbeddings:

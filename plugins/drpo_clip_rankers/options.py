@@ -6,8 +6,7 @@ from typing import Literal
 
 from pydantic import Field
 
-from drpo_core.context import LocalPath
-from drpo_core.ranker_options import ModelRunOptions
+from drpo_core.context import LocalPath, ModelRunOptions
 
 #: the laion ViT-H/14 processor: PickScore's (its model card) and the tokenizer of HPSv2's open_clip ViT-H-14
 LAION_VIT_H = "laion/CLIP-ViT-H-14-laion2B-s32B-b79K"

@@ -6,8 +6,7 @@ from typing import Literal
 
 from pydantic import Field, field_validator
 
-from drpo_core.context import LocalPath
-from drpo_core.ranker_options import ModelRunOptions, TorchDevice
+from drpo_core.context import LocalPath, ModelRunOptions, TorchDevice
 
 #: the detector closest to GenEval's (Mask2Former Swin-S, COCO instance segmentation; GenEval runs mmdet's
 #: checkpoint of the same architecture, whose scores differ slightly)

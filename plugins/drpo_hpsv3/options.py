@@ -6,8 +6,7 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from drpo_core.context import LocalPath
-from drpo_core.ranker_options import ModelRunOptions, TorchDevice
+from drpo_core.context import LocalPath, ModelRunOptions, TorchDevice
 
 #: the reward model's weights: Qwen2-VL-7B-Instruct fine-tuned with the reward head (MIT, as the hpsv3 package);
 #: no checksum was published and none could be computed here

@@ -12,14 +12,13 @@ passed along.
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 
 from drpo_core.errors import ComponentError, PluginError
-from drpo_core.interfaces import Ranker
+from drpo_core.model_rankers import ModelRanker
 from drpo_hpsv3.processing import IMAGE_TOKEN, REWARD_TOKEN, ImagePatching, prompt_text, to_pictures
 
 if TYPE_CHECKING:
@@ -28,7 +27,7 @@ if TYPE_CHECKING:
     from drpo_hpsv3.checkpoint import RewardHead
 
 
-class HPSv3Ranker(Ranker):
+class HPSv3Ranker(ModelRanker):
     """HPSv3 ``mu`` per image (float32, on the CPU); the paper's tables print it unscaled."""
 
     #: ``score_differentiable`` back-propagates to the images (DRaFT-style baselines; DrPO never does)
@@ -36,6 +35,7 @@ class HPSv3Ranker(Ranker):
 
     def __init__(self, backbone: Qwen2VLModel, head: RewardHead, tokenizer: PreTrainedTokenizerBase, *,
                  patching: ImagePatching, device: torch.device, dtype: torch.dtype, batch_size: int) -> None:
+        self.name = "hpsv3"
         self.backbone, self.head, self.tokenizer = backbone, head, tokenizer
         self.patching, self.device, self.dtype, self.batch_size = patching, device, dtype, batch_size
         reward_token_id = tokenizer.convert_tokens_to_ids(REWARD_TOKEN)
@@ -46,25 +46,15 @@ class HPSv3Ranker(Ranker):
 
     # -- the Ranker API
 
-    def score(self, images: torch.Tensor, prompts: Sequence[str],
-              metadata: Sequence[Mapping[str, Any] | None]) -> torch.Tensor:
-        """One ``mu`` per image; NaN for images whose pixels are not finite."""
-        self._check_inputs(images, prompts)
-        finite = images.detach().flatten(1).isfinite().all(dim=1).cpu()
-        scores = torch.full((len(images),), float("nan"))
-        rows = finite.nonzero().flatten().tolist()
-        with torch.no_grad():
-            for start in range(0, len(rows), self.batch_size):
-                chunk = rows[start:start + self.batch_size]
-                out = self.rewards(to_pictures(images[chunk]), [prompts[i] for i in chunk])[:, 0]
-                scores[chunk] = self._checked(out, len(chunk)).cpu()
-        return scores
+    def score_chunk(self, images: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
+        """``mu`` of each image (the first of the head's ``(mu, sigma)``)."""
+        return self.rewards(to_pictures(images), prompts)[:, 0]
 
     def score_differentiable(self, images: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
         """``(B,)`` float32 ``mu`` through tensor resizing (:meth:`ImagePatching.tensor_pixel_values`: no 8-bit
         rounding, antialiased bicubic as upstream's differentiable path), differentiable with respect to
         ``images`` when grad is enabled; on the ranker's device."""
-        self._check_inputs(images, prompts)
+        self.check_inputs(images, prompts)
         out = []
         for start in range(0, len(images), self.batch_size):
             chunk = images[start:start + self.batch_size].to(self.device)
@@ -99,11 +89,11 @@ class HPSv3Ranker(Ranker):
         input_ids = batch["input_ids"]
         size, length = input_ids.shape
         positions = torch.arange(length, device=self.device).view(1, 1, length).expand(3, size, length)
-        with self._precision():
+        with self.own_precision():
             hidden = self.backbone(**batch, position_ids=positions, use_cache=False).last_hidden_state
         at = self.reward_positions(input_ids)
         pooled = hidden[torch.arange(size, device=hidden.device), at].float()
-        with self._precision():
+        with self.own_precision():
             out: torch.Tensor = self.head(pooled)
         return out
 
@@ -115,30 +105,6 @@ class HPSv3Ranker(Ranker):
             raise ComponentError("ranker 'hpsv3': a row lost its <|Reward|> token (prompt truncated?)")
         columns = torch.arange(input_ids.shape[1], device=input_ids.device)
         return torch.where(is_reward, columns, -1).amax(dim=1)
-
-    # -- helpers
-
-    @contextlib.contextmanager
-    def _precision(self) -> Iterator[None]:
-        """The ranker's own dtype: the caller's autocast (mixed precision) does not apply."""
-        with torch.autocast(device_type=self.device.type, enabled=False):
-            yield
-
-    def _check_inputs(self, images: torch.Tensor, prompts: Sequence[str]) -> None:
-        if not isinstance(images, torch.Tensor) or images.dim() != 4 or images.shape[1] != 3:
-            shape = tuple(images.shape) if isinstance(images, torch.Tensor) else type(images).__name__
-            raise ComponentError(f"ranker 'hpsv3' takes images (B, 3, H, W), got {shape}")
-        if len(prompts) != len(images):
-            raise ComponentError(f"ranker 'hpsv3' got {len(images)} images but {len(prompts)} prompts")
-
-    def _checked(self, scores: torch.Tensor, expected: int) -> torch.Tensor:
-        scores = scores.detach().float().flatten()
-        bad = int((~scores.isfinite()).sum())
-        if bad:
-            hint = " (fp16 overflow? use dtype: bf16 or fp32)" if self.dtype == torch.float16 else ""
-            raise ComponentError(f"ranker 'hpsv3' computed non-finite scores for {bad} of {expected} images with "
-                                 f"finite pixels{hint}")
-        return scores
 
 
 def check_tokenizer(tokenizer: PreTrainedTokenizerBase, embedding_rows: int, source: str) -> None:

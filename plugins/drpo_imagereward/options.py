@@ -4,8 +4,7 @@ from __future__ import annotations
 
 from pydantic import Field
 
-from drpo_core.context import LocalPath
-from drpo_core.ranker_options import ModelRunOptions
+from drpo_core.context import LocalPath, ModelRunOptions
 
 #: the hub repository of ImageReward v1.0: ``ImageReward.pt`` (the state dict) and ``med_config.json``
 IMAGEREWARD_REPO = "THUDM/ImageReward"
