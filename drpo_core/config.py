@@ -23,7 +23,7 @@ import copy
 import importlib.util
 import re
 import typing
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -34,7 +34,7 @@ from pydantic.functional_serializers import model_serializer
 
 from drpo_core.context import LOCAL_PATH
 from drpo_core.errors import ConfigError, DrpoError
-from drpo_core.prompts import EVAL_SPLIT_COUNT, EVAL_SUBSET_COUNT
+from drpo_core.prompts import EVAL_SPLIT_COUNT, EVAL_SUBSET_COUNT, prompt_format
 from drpo_core.registry import ComponentSpec, Registry, get_registry, split_reference
 from drpo_core.validation import describe
 
@@ -552,7 +552,7 @@ class ResolvedConfig:
             options = _section_data(data, where)
             fields = getattr(spec.options, "model_fields", {})
             for key, info in fields.items():
-                if _is_local_path(info) and isinstance(options.get(key), str):
+                if is_local_path(info) and isinstance(options.get(key), str):
                     options[key] = self._absolute(options[key], only_existing=True)
         return yaml.safe_dump(data, sort_keys=False)
 
@@ -565,7 +565,7 @@ class ResolvedConfig:
         return str(resolved.resolve())
 
 
-def _is_local_path(info: Any) -> bool:
+def is_local_path(info: Any) -> bool:
     """A field annotated ``LocalPath``, also inside ``LocalPath | None`` (where pydantic keeps no metadata)."""
     if LOCAL_PATH in info.metadata:
         return True
@@ -831,11 +831,33 @@ def _check_feasible(resolved: ResolvedConfig) -> None:
         raise ConfigError(f"features: {features.name!r} needs {', '.join(missing)} from the generator, which "
                           f"{generator.name!r} does not give (it gives {', '.join(generator.provides) or 'nothing declared'}) "
                           f"({named('features.name', 'generator.name')})")
+    _check_prompt_formats(resolved, named)
     binary = {i: "binary" in resolved.specs[f"rankers.{i}"].provides for i in range(len(cfg.rankers))}
     if len(set(binary.values())) > 1:
         keys = [f"rankers.{i}.name" for i in binary]
         raise ConfigError("rankers: binary rankers (0/1 correctness) cannot be mixed with graded ones in one run "
                           f"({named(*keys)})")
+
+
+#: a ranker's ``requires`` entry -> the prompt format whose records carry what it scores against
+PROMPT_REQUIREMENTS = {"geneval-prompts": "geneval"}
+
+
+def _check_prompt_formats(resolved: ResolvedConfig, named: Callable[..., str]) -> None:
+    """A ranker that scores against each prompt's metadata (GenEval's clauses) needs prompt files that carry it:
+    refused here, not after the models have loaded and every batch has failed. Training rankers read the
+    training and the evaluation prompts, evaluation rankers the evaluation prompts."""
+    prompts = resolved.config.prompts
+    held_out = ("prompts.eval_path", prompts.eval_path) if prompts.eval_path else ("prompts.path", prompts.path)
+    files = {"rankers": [("prompts.path", prompts.path), held_out], "eval.rankers": [held_out]}
+    for where, spec in resolved.specs.items():
+        read = [(key, path) for key, path in files.get(where.rsplit(".", 1)[0], []) if path is not None]
+        for wanted in [PROMPT_REQUIREMENTS[need] for need in spec.requires if need in PROMPT_REQUIREMENTS]:
+            for key, path in read:
+                found = prompt_format(path, prompts.format)
+                if found != wanted:
+                    raise ConfigError(f"{key}: ranker {spec.name!r} scores against {wanted} prompt records (their "
+                                      f"metadata), but {path} is read as {found} ({named(key, where + '.name')})")
 
 
 def _dumped(value: Any) -> Any:

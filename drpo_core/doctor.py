@@ -14,8 +14,9 @@ each with a caption that describes it and one that does not, then checks:
 * **batching**: the eight scores of one call equal those of eight one-image calls within
   ``BATCH_TOLERANCE`` of the spread of the scores (the differences a ranking is made of).
 
-Binary rankers (GenEval style: 0/1 correctness of objects, counts, colours) are reported as not checkable:
-a photograph has no task metadata to be correct against, and four photos say little about a detector.
+Rankers that score against a task's metadata (GenEval's clauses: binary 0/1 correctness or the share of clauses
+met) are reported as not checkable: a photograph has no task metadata to be correct against, and four photos
+say little about a detector.
 
 One :class:`Verdict` per ranker; the CLI prints one line each and exits 0 when every checked ranker passes,
 1 when one fails (or cannot be built), 2 for bad input (an unknown ranker, invalid options) before anything
@@ -29,8 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from drpo_core.config import _is_local_path as is_local_path
-from drpo_core.config import parse_assignment, resolve_config
+from drpo_core.config import PROMPT_REQUIREMENTS, is_local_path, parse_assignment, resolve_config
 from drpo_core.context import BuildContext
 from drpo_core.errors import ConfigError, DrpoError, first_line, reason
 from drpo_core.registry import ComponentSpec, Registry, get_registry
@@ -286,10 +286,10 @@ def run_doctor(checks: Sequence[DoctorRequest], device: str = "cpu", registry: R
     verdicts = []
     for check in checks:
         spec = registry.get("ranker", check.name)
-        if "binary" in spec.provides:
+        if "binary" in spec.provides or any(need in PROMPT_REQUIREMENTS for need in spec.requires):
             verdicts.append(Verdict(check.name, None, findings=[
-                "not checkable by doctor: binary (0/1) scores need a task's metadata to be correct against; "
-                "check it with `drpo eval` on its own prompts"]))
+                "not checkable by doctor: its scores need a task's metadata (GenEval clauses, 0/1 correctness) to "
+                "be correct against; check it with `drpo eval` on its own prompts"]))
             continue
         context = BuildContext(device=device, mixed_precision=check.mixed_precision, config_dir=check.config_dir)
         try:

@@ -31,7 +31,9 @@ aliases=(), summary="", provides=(), requires=(), units=None)``:
   ``defaults(None)`` is shown with the origin ``name:variant`` (``generator sd-turbo:paper``).
 * ``provides`` / ``requires``: capabilities checked when a run is resolved, before anything loads.
   A generator provides what it can hand on (``"latents"``, ``"images"``, a model family); a feature
-  space requires them; a ranker provides ``"binary"`` when its scores are 0/1 correctness.
+  space requires them; a ranker provides ``"binary"`` when its scores are 0/1 correctness, and requires
+  ``"geneval-prompts"`` when it scores against each prompt's GenEval clauses (the run's prompt files must be
+  GenEval .jsonl: ``drpo_core.config.PROMPT_REQUIREMENTS``).
 * ``units``: a ranker's :class:`drpo_core.interfaces.Units`, how ``drpo eval`` reports its scores
   (``Units(100)``: PickScore x100 as in the paper's tables); none: raw scores.
 

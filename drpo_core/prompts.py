@@ -67,6 +67,11 @@ def load_prompts(path: str | Path, format: str = "auto") -> list[PromptRecord]:
     return records
 
 
+def prompt_format(path: str | Path, format: str = "auto") -> str:
+    """The format a prompt file is read in: ``format``, or (``auto``) the one its suffix names."""
+    return _resolve_format(Path(path), format)
+
+
 def _resolve_format(path: Path, format: str) -> str:
     if format in FORMATS:
         return format

@@ -94,6 +94,12 @@ class _BinaryPlugin:
         from drpo_shapes.rankers import ShapesCountingRanker
 
         register("stub-binary", lambda o, c: ShapesCountingRanker(), provides=("binary",))
+        # graded, but scored against GenEval clauses (as geneval-soft): a photograph has none; never built
+        register("stub-clauses", _never_built, requires=("geneval-prompts",))
+
+
+def _never_built(options, context):
+    raise AssertionError("doctor built a ranker it cannot check")
 
 
 @pytest.fixture
@@ -173,9 +179,10 @@ def test_the_command_prints_one_line_per_ranker_and_exits_by_the_worst(stubs, tm
     assert bad.exit_code == 1
     lines = bad.output.splitlines()
     assert lines[0].startswith("stub-caption: FAIL: the mismatching caption scored at least as high on astronaut")
-    assert lines[1].startswith("stub-binary: not checkable by doctor: binary (0/1) scores")
-    only_binary = runner.invoke(app, ["doctor", "stub-binary", "--device", "cpu"])
-    assert only_binary.exit_code == 0
+    assert lines[1].startswith("stub-binary: not checkable by doctor: its scores need a task's metadata")
+    only_binary = runner.invoke(app, ["doctor", "stub-binary", "stub-clauses", "--device", "cpu"])
+    assert only_binary.exit_code == 0, only_binary.output
+    assert only_binary.output.splitlines()[1].startswith("stub-clauses: not checkable by doctor: its scores need")
 
 
 def test_a_recipe_gives_the_rankers_and_their_options(stubs, tmp_path, monkeypatch):

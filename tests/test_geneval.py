@@ -18,7 +18,7 @@ from typer.testing import CliRunner
 from drpo_cli.main import app
 from drpo_core.config import resolve_config
 from drpo_core.context import BuildContext
-from drpo_core.errors import ComponentError, PluginError
+from drpo_core.errors import ComponentError, ConfigError, PluginError
 from drpo_core.metrics import read_metrics
 from drpo_geneval.colors import ColorClassifier, load_color_classifier, object_crop
 from drpo_geneval.detectors import boxes_of_masks, instances
@@ -257,6 +257,26 @@ def test_prompts_command_writes_refuses_to_overwrite_and_names_bad_tags(tmp_path
     assert again.exit_code == 2 and "exists" in again.output and read_rows(out) == rows
     bad = CliRunner().invoke(app, ["geneval", "prompts", str(tmp_path / "x.jsonl"), "--tag", "count"])
     assert bad.exit_code == 2 and "unknown task 'count'" in bad.output
+
+
+@pytest.mark.parametrize("ranker, key, assignment", [
+    ("geneval:counting", "prompts.path", "prompts.path=prompts.txt"),
+    ("geneval-soft", "prompts.path", "prompts.path=prompts.txt"),
+    ("geneval:counting", "prompts.eval_path", "prompts.eval_path=prompts.txt"),
+])
+def test_prompt_files_without_geneval_clauses_are_refused_before_loading(ranker, key, assignment, builtin_registry):
+    with pytest.raises(ConfigError) as error:  # told by the file's suffix: nothing is read
+        resolve_config(flags={"generator": "sd-turbo", "rankers": ranker}, assignments=[assignment],
+                       registry=builtin_registry)
+    assert str(error.value).startswith(f"{key}: ranker '{ranker.split(':')[0]}' scores against geneval prompt records")
+    assert "is read as text" in str(error.value)
+
+
+def test_a_geneval_evaluation_ranker_needs_geneval_evaluation_prompts(builtin_registry):
+    with pytest.raises(ConfigError, match="prompts.eval_path: ranker 'geneval' scores against geneval prompt"):
+        resolve_config(flags={"generator": "sd-turbo", "rankers": "brightness"}, registry=builtin_registry,
+                       assignments=["prompts.path=prompts.txt", "prompts.eval_path=prompts.txt",
+                                    "eval.rankers=[geneval]"])
 
 
 # ------------------------------------------------------------------------------------- the headline

@@ -46,12 +46,14 @@ def recommendations(variant: str | None) -> dict[str, Any]:
 
 @hookimpl
 def drpo_register_rankers(register: Register[Ranker]) -> None:
-    # units: the paper reports GenEval as percent correct (counting 33.8 -> 42.5)
+    # units: the paper reports GenEval as percent correct (counting 33.8 -> 42.5); requires: both score against
+    # each prompt's GenEval clauses, so a run's prompt files must be GenEval .jsonl (checked before loading)
     register("geneval", _build, options=GenevalOptions, defaults=recommendations, variants=TAGS,
-             units=Units(100, "%"), provides=("binary",), summary="GenEval correctness (0/1): Mask2Former or OWLv2 detections, CLIP colours, "
-                                           "GenEval's rules; variants per task (geneval:counting)")
+             units=Units(100, "%"), provides=("binary",), requires=("geneval-prompts",),
+             summary="GenEval correctness (0/1): Mask2Former or OWLv2 detections, CLIP colours, GenEval's rules; "
+                     "variants per task (geneval:counting)")
     register("geneval-soft", _build_soft, options=GenevalOptions, defaults=recommendations, variants=TAGS,
-             units=Units(100, "%"),
+             units=Units(100, "%"), requires=("geneval-prompts",),
              summary="GenEval's share of clauses met (graded): the geneval ranker's denser signal")
 
 
