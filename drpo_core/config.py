@@ -832,6 +832,13 @@ def _check_feasible(resolved: ResolvedConfig) -> None:
                           f"{generator.name!r} does not give (it gives {', '.join(generator.provides) or 'nothing declared'}) "
                           f"({named('features.name', 'generator.name')})")
     _check_prompt_formats(resolved, named)
+    ranker_sections = {**{f"rankers.{i}": r for i, r in enumerate(cfg.rankers)},
+                       **{f"eval.rankers.{i}": r for i, r in enumerate(cfg.eval.rankers)}}
+    for where, section in ranker_sections.items():
+        spec = resolved.specs[where]
+        if "timeout" in spec.requires and section.timeout is None:
+            raise ConfigError(f"{where}.timeout: ranker {spec.name!r} needs a timeout (seconds one score call may "
+                              f"take, retries included), e.g. --set {where}.timeout=120 ({named(where + '.name')})")
     binary = {i: "binary" in resolved.specs[f"rankers.{i}"].provides for i in range(len(cfg.rankers))}
     if len(set(binary.values())) > 1:
         keys = [f"rankers.{i}.name" for i in binary]

@@ -33,7 +33,8 @@ aliases=(), summary="", provides=(), requires=(), units=None)``:
   A generator provides what it can hand on (``"latents"``, ``"images"``, a model family); a feature
   space requires them; a ranker provides ``"binary"`` when its scores are 0/1 correctness, and requires
   ``"geneval-prompts"`` when it scores against each prompt's GenEval clauses (the run's prompt files must be
-  GenEval .jsonl: ``drpo_core.config.PROMPT_REQUIREMENTS``).
+  GenEval .jsonl: ``drpo_core.config.PROMPT_REQUIREMENTS``) or ``"timeout"`` when its section must set one (a
+  remote ranker's total deadline).
 * ``units``: a ranker's :class:`drpo_core.interfaces.Units`, how ``drpo eval`` reports its scores
   (``Units(100)``: PickScore x100 as in the paper's tables); none: raw scores.
 

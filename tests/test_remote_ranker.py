@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import drpo_clip_rankers
+import drpo_image_rankers
 import drpo_remote
 from drpo_clip_rankers.testing import make_tiny_clip
 from drpo_core.config import resolve_config
@@ -36,6 +37,18 @@ def test_a_remote_ranker_is_named_by_its_url_and_a_bad_url_is_one_line(tmp_path)
                          ("remote:http://host:99999", "Port out of range")):
         with pytest.raises(ConfigError, match=rf"rankers.0: ranker 'remote': variant '{bad[7:]}': {message}"):
             resolve_config(base={**config, "rankers": [bad]}, registry=registry)
+
+
+def test_a_remote_ranker_without_a_timeout_is_refused_in_resolve(tmp_path):
+    registry = make_registry(drpo_remote)
+    config = tiny_config(tmp_path, rankers=["remote:http://127.0.0.1:8765"])
+    with pytest.raises(ConfigError, match=r"^rankers.0.timeout: ranker 'remote' needs a timeout .* "
+                                          r"--set rankers.0.timeout=120 \(rankers.0.name from "):
+        resolve_config(base=config, registry=registry)
+    graded = tiny_config(tmp_path, rankers=["brightness"])
+    with pytest.raises(ConfigError, match=r"^eval.rankers.0.timeout: ranker 'remote-binary' needs a timeout"):
+        resolve_config(base={**graded, "eval": {"rankers": ["remote-binary:http://127.0.0.1:8765"]}},
+                       registry=make_registry(drpo_remote, drpo_image_rankers))
 
 
 def test_an_unset_token_variable_is_one_line(monkeypatch):

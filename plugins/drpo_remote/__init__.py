@@ -23,9 +23,11 @@ from drpo_remote.options import RemoteOptions, check_url
 
 @hookimpl
 def drpo_register_rankers(register: Register[Ranker]) -> None:
-    register("remote", _build_graded, options=RemoteOptions, variants=check_url,
+    # requires: a section timeout (the total deadline of a call, retries included), checked before loading
+    register("remote", _build_graded, options=RemoteOptions, variants=check_url, requires=("timeout",),
              summary="scores from a ranker server over HTTP (drpo serve-ranker)")
     register("remote-binary", _build_binary, options=RemoteOptions, variants=check_url, provides=("binary",),
+             requires=("timeout",),
              summary="0/1 scores from a ranker server over HTTP")
 
 
