@@ -39,6 +39,35 @@ def resolve_model(model: str, config_dir: Path, *, where: str = "model path") ->
     return model, False
 
 
+def cached_on_hub(model: str) -> bool:
+    """The local Hugging Face cache holds a snapshot of hub repository ``model`` (any revision)."""
+    from huggingface_hub import constants
+
+    snapshots = Path(constants.HF_HUB_CACHE) / f"models--{model.replace('/', '--')}" / "snapshots"
+    return snapshots.is_dir() and any(snapshots.iterdir())
+
+
+def missing_models(sources: Mapping[str, str], config_dir: Path) -> dict[str, str]:
+    """Of ``{where: model}``, the hub ids that cannot load while ``HF_HUB_OFFLINE`` is set: neither a local
+    path nor in the cache (``{}`` when the hub may be reached: they download when loaded)."""
+    if not hub_offline():
+        return {}
+    missing = {}
+    for where, model in sources.items():
+        name, is_local = resolve_model(model, config_dir, where=where)
+        if not is_local and not cached_on_hub(name):
+            missing[where] = name
+    return missing
+
+
+def offline_message(missing: Mapping[str, str]) -> str:
+    """One line naming every missing model and the commands that fetch them."""
+    fetch = " && ".join(f"hf download {name}" for name in dict.fromkeys(missing.values()))
+    named = ", ".join(f"{where} {name}" for where, name in missing.items())
+    return (f"models not in the local Hugging Face cache, and HF_HUB_OFFLINE is set: {named}; download first "
+            f"({fetch}) or set those options to local directories")
+
+
 def from_hub_or_cache(load: Callable[..., Loaded], model: str, is_local: bool, kwargs: Mapping[str, Any],
                       *, owner: str = "") -> Loaded:
     """``load(model, **kwargs)`` (a ``from_pretrained``) from local files first, from the hub only when it may

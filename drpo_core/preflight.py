@@ -15,8 +15,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from drpo_core.config import DEVICE_NAMES, DEVICE_PATTERN, ResolvedConfig, resolve_path
-from drpo_core.errors import ConfigError, DrpoError
+from drpo_core.config import DEVICE_NAMES, DEVICE_PATTERN, ResolvedConfig, is_local_path, resolve_path
+from drpo_core.errors import ConfigError, DrpoError, PluginError
+from drpo_core.hub import missing_models, offline_message
 from drpo_core.prompts import (
     EVAL_SPLIT_COUNT,
     EVAL_SUBSET_COUNT,
@@ -25,6 +26,7 @@ from drpo_core.prompts import (
     split_prompts,
     subset_prompts,
 )
+from drpo_core.registry import split_reference
 
 
 @dataclass
@@ -45,6 +47,39 @@ def check_run(resolved: ResolvedConfig, *, new_run: bool) -> RunPrompts:
     check_device(cfg.train.device, _named(resolved, "train.device"))
     check_output_dir(Path(cfg.output_dir), new_run=new_run)
     return load_run_prompts(resolved)
+
+
+def check_models_cached(resolved: ResolvedConfig) -> None:
+    """Offline (``HF_HUB_OFFLINE``), every hub model the run's components name must be in the local cache: one
+    line naming all the missing ones and how to fetch them, rather than one per attempt as each loads in turn.
+
+    The models are the components' ``LocalPath`` options that name hub ids, or what an options class's
+    ``hub_models(variant)`` returns when it defines one (a default that depends on another option, a model
+    only some variants load)."""
+    sources: dict[str, str] = {}
+    for where, options in resolved.options.items():
+        variant = split_reference(_section(resolved.config, where).name)[1]
+        for key, model in _hub_models(options, variant).items():
+            if not resolve_path(model, resolved.config_dir).exists():  # local files and folders load as they are
+                sources[f"{where}.{key}"] = model
+    missing = missing_models(sources, resolved.config_dir)
+    if missing:
+        raise PluginError(offline_message(missing))
+
+
+def _section(config: Any, where: str) -> Any:
+    """The config section at a dotted key ("rankers.0", "eval.rankers.1", "generator")."""
+    for part in where.split("."):
+        config = config[int(part)] if part.isdigit() else getattr(config, part)
+    return config
+
+
+def _hub_models(options: Any, variant: str | None) -> dict[str, str]:
+    if hasattr(options, "hub_models"):
+        return dict(options.hub_models(variant))
+    fields = getattr(type(options), "model_fields", {})
+    return {key: value for key, info in fields.items() if is_local_path(info)
+            and isinstance(value := getattr(options, key), str)}
 
 
 def check_device(device: str, where: str = "device") -> None:

@@ -90,7 +90,7 @@ def train(config: ConfigOpt = None, generator: GeneratorOpt = None, ranker: Rank
                    "or a checkpoint directory. Only --set train.steps=N may change it (to run longer).")] = None,
           dry_run: Annotated[bool, typer.Option("--dry-run", help="Build every component, print the plan.")] = False):
     """Run DrPO (with no flags: the embedded toy-world default, a few minutes on a CPU)."""
-    from drpo_core.preflight import check_run
+    from drpo_core.preflight import check_models_cached, check_run
     from drpo_core.runs import resume_config
     from drpo_core.trainer import Trainer
 
@@ -102,9 +102,10 @@ def train(config: ConfigOpt = None, generator: GeneratorOpt = None, ranker: Rank
             console.print(note)
     else:
         resolved, checkpoint = _resolve(config, generator, ranker, features, kernel, assignments, output_dir), None
-    # before any model loads: the device, the prompt files, and the output directory (a new run must not
-    # land on another run's)
+    # before any model loads: the device, the prompt files, the output directory (a new run must not land on
+    # another run's), and offline, every hub model the components name
     check_run(resolved, new_run=checkpoint is None)
+    check_models_cached(resolved)
     trainer = Trainer(resolved, command_line=sys.argv, console=console)
     if dry_run:
         for line in trainer.plan():

@@ -58,6 +58,15 @@ class GenevalOptions(ModelRunOptions):
             raise ValueError(f"{value!r} is not a colour (#999, #808080, gray)") from None
         return value
 
+    def hub_models(self, variant: str | None) -> dict[str, str]:
+        """``{option: model}`` the ranker loads when it is built for ``variant`` (checked in the cache before
+        any model loads): the detector, and CLIP for the tasks with colours (the others load it only if a
+        colour clause ever comes)."""
+        models = {"detector_model": self.detector_source()} if self.detector in DETECTOR_MODELS else {}
+        if variant in (None, "colors", "color_attr"):
+            models["clip_model"] = self.clip_model
+        return models
+
     def detector_source(self) -> str:
         """The detector model to load: ``detector_model``, else the backend's default."""
         return self.detector_model or DETECTOR_MODELS.get(self.detector, "")

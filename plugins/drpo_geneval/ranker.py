@@ -142,44 +142,21 @@ class GenevalSoftRanker(GenevalRanker):
         return verdict.fraction_satisfied
 
 
-def missing_models(sources: Sequence[tuple[str, str]], config_dir: Any) -> list[str]:
-    """The hub ids among ``(option, source)`` that are neither local directories nor in the local Hugging Face
-    cache while ``HF_HUB_OFFLINE`` is set (empty when online: they download when loaded)."""
-    from huggingface_hub import try_to_load_from_cache
-
-    from drpo_core.hub import hub_offline, resolve_model
-
-    if not hub_offline():
-        return []
-    missing = []
-    for option, source in sources:
-        name, is_local = resolve_model(source, config_dir, where=f"ranker 'geneval': {option}")
-        if not is_local and not isinstance(try_to_load_from_cache(name, "config.json"), str):
-            missing.append(name)
-    return missing
-
-
 def build_ranker(options: GenevalOptions, context: Any, *, soft: bool = False) -> GenevalRanker:
     """The detector and, for the tasks with colours (and plain ``geneval``), the colour classifier; offline,
     every model they need that is missing is named in one line before anything loads."""
     from drpo_clip_rankers.common import pick_device, pick_dtype
     from drpo_core.errors import PluginError
+    from drpo_core.hub import missing_models, offline_message
     from drpo_geneval.colors import load_color_classifier
     from drpo_geneval.detectors import load_detector
 
     device = pick_device(options.device, context)
     dtype = pick_dtype(options.dtype, device, context)
-    # the colour classifier loads now for the tasks with colours, else when a colour clause first needs it
-    colours_now = context.variant in (None, "colors", "color_attr")
-    sources = [("clip_model", options.clip_model)] if colours_now else []
-    if options.detector in ("mask2former", "owlv2"):
-        sources.insert(0, ("detector_model", options.detector_source()))
-    missing = missing_models(sources, context.config_dir)
+    needed = options.hub_models(context.variant)  # CLIP now for the tasks with colours, else on a colour clause
+    missing = missing_models(needed, context.config_dir)
     if missing:
-        fetch = " && ".join(f"hf download {name}" for name in missing)
-        raise PluginError(f"ranker 'geneval': {', '.join(missing)} not in the local Hugging Face cache and "
-                          f"HF_HUB_OFFLINE is set: download first ({fetch}) or set detector_model / clip_model "
-                          "to local directories")
+        raise PluginError(f"ranker 'geneval': {offline_message(missing)}")
     detector = load_detector(options, context, device, dtype)
 
     def colors() -> ColorClassifier:
@@ -187,6 +164,6 @@ def build_ranker(options: GenevalOptions, context: Any, *, soft: bool = False) -
                                      options.background)
 
     ranker = (GenevalSoftRanker if soft else GenevalRanker)(detector, colors, options)
-    if colours_now:
+    if "clip_model" in needed:
         _ = ranker.colors
     return ranker
