@@ -18,7 +18,9 @@ aliases=(), summary="", provides=(), requires=(), units=None)``:
   Import heavy libraries inside the factory, never at module level, so ``drpo --help`` stays fast.
 * ``options``: a pydantic model class (``extra="forbid"``) declaring the component's own keys;
   annotate file and folder options with :data:`drpo_core.context.LocalPath` so a run's saved config
-  holds them resolved.
+  holds them resolved, and offline ``drpo train`` checks the hub ids among them are cached before any model
+  loads (an options class may define ``hub_models(variant) -> {option: model}`` to say which it loads).
+  Rankers on a frozen model subclass :class:`drpo_core.context.ModelRunOptions` (batch size, dtype, device).
 * ``defaults``: recommended run settings as ``{"dotted.key": value}`` (or a function of the
   variant returning one), merged under the user's config and shown with their origin.
 * ``pair_defaults``: ``{other component name: {"dotted.key": value}}``, settings recommended only
