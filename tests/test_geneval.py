@@ -319,6 +319,21 @@ def test_the_headline_command_trains_on_tiny_models(tmp_path, tiny_dirs, tiny):
     assert "score/geneval:counting/counting" in evaluations[-1]  # accuracy per task
     config = (run_dir / "config.yaml").read_text()
     assert "train_counting.jsonl" in config and "rollout_rounds: 4" in config
+    # drpo eval on the run: GenEval's prompts, accuracy in percent per task, base and fine-tune side by side
+    report = tmp_path / "eval.json"
+    evaluated = CliRunner().invoke(app, [
+        "eval", str(run_dir), "--ranker", "geneval", "--prompts", "geneval", "--limit", "12", "--seeds", "42-43",
+        "--set", "rankers.geneval.detector=drpo_geneval.testing:stub_detector",
+        "--set", f"rankers.geneval.clip_model={tiny['clip']}", "--device", "cpu", "--json", str(report)])
+    assert evaluated.exit_code == 0, evaluated.output
+    entry = json.loads(report.read_text())["rankers"]["geneval"]
+    assert entry["units"] == "%" and entry["scale"] == 100
+    groups = entry["groups"]
+    assert set(groups) <= set(TAGS) and sum(g["finetuned"]["n"] for g in groups.values()) == 12 * 2
+    for side in ("base", "finetuned"):  # percent correct: the mean of 0/1 scores x100, per task and overall
+        assert 0 <= entry[side]["mean"] <= 100 and all(0 <= g[side]["mean"] <= 100 for g in groups.values())
+        overall = sum(g[side]["mean"] * g[side]["n"] for g in groups.values()) / entry[side]["n"]
+        assert overall == pytest.approx(entry[side]["mean"])
 
 
 def test_the_headline_command_without_weights_fails_in_one_line_naming_them(tmp_path):
