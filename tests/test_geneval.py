@@ -294,6 +294,14 @@ def test_the_headline_resolves_to_the_binary_rollout_on_the_tasks_prompts(builti
     assert plain.prompts.path.endswith("/train.jsonl") and plain.selection.candidates == 24
 
 
+def test_the_graded_ranker_recommends_the_tasks_prompts_and_not_the_binary_rollout(builtin_registry):
+    resolved = resolve_config(flags={"generator": "sd-turbo", "rankers": "geneval-soft:counting"},
+                              registry=builtin_registry)
+    recommended = {key for key, origin in resolved.origins.items() if origin.startswith("ranker ")}
+    assert recommended == {"prompts.path", "prompts.eval_path", "prompts.eval_count"}
+    assert resolved.config.prompts.path.endswith("train_counting.jsonl")
+
+
 def tiny_headline_args(tiny_dirs, tiny, run_dir):
     sets = {"generator.model": tiny_dirs["sdxl"], "generator.resolution": 32, "rankers.0.clip_model": tiny["clip"],
             "rankers.0.detector": "drpo_geneval.testing:stub_detector", "selection.candidates": 4,
