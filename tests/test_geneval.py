@@ -221,6 +221,13 @@ def test_training_prompts_never_repeat_an_evaluation_prompt():
     assert len(training_rows("single_object", 10_000, 0, evaluation)) == 4 * 80  # other wordings only
 
 
+def test_the_same_clauses_in_another_order_are_the_same_content():
+    bird, scissors = {"class": "bird", "count": 1}, {"class": "scissors", "count": 1}
+    assert content({"include": [bird, scissors]}) == content({"include": [scissors, bird]})  # two objects
+    left_of = {**scissors, "position": ["left of", 0]}
+    assert content({"include": [bird, left_of]}) != content({"include": [left_of, bird]})  # index 0 is the bird
+
+
 def test_training_prompts_follow_genevals_grammar_and_seed():
     rows = {tag: training_rows(tag, 40, 3, []) for tag in TAGS}
     assert rows == {tag: training_rows(tag, 40, 3, []) for tag in TAGS}
