@@ -28,3 +28,30 @@ def test_the_updater_only_touches_its_block():
     assert updater.updated(text, "new") == text.replace("old", "new")
     assert updater.current(updater.updated("# title\n", "table")) == "table"
     assert updater.updated("# title\n", "table").startswith("# title\n\n")
+
+
+def yaml_blocks() -> list[tuple[str, str]]:
+    """``(file, text)`` of every ```yaml block in the README and docs/."""
+    import re
+
+    blocks = []
+    for path in [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]:
+        for text in re.findall(r"```yaml\n(.*?)```", path.read_text(), flags=re.S):
+            blocks.append((path.name, text))
+    return blocks
+
+
+def test_every_yaml_block_in_the_docs_is_a_valid_config_as_written(builtin_registry):
+    """A user copies these into a recipe: each must resolve (completed with a generator and prompts when it
+    shows one section only), with its keys kept."""
+    from drpo_core.config import _flatten, parse_yaml, resolve_config
+
+    blocks = yaml_blocks()
+    assert len(blocks) >= 3
+    for name, text in blocks:
+        shown = parse_yaml(text, name)  # as drpo reads a recipe (1e-4 is a number there)
+        config = {"generator": "sd-turbo", "prompts": {"path": "prompts.txt"}, **shown}
+        resolved = resolve_config(base=config, registry=builtin_registry)
+        assert set(_flatten(shown)) <= set(_flatten(resolved.to_dict())) | {
+            f"rankers.{i}.{key}" for i, r in enumerate(shown.get("rankers", [])) if isinstance(r, dict) for key in r
+        }, name
