@@ -325,3 +325,19 @@ def test_the_exported_card_loads_the_base_model_as_written(tiny_run, tmp_path):
         theirs = pipe("a red apple", num_inference_steps=1, guidance_scale=0.0, latents=noise.clone(), height=32,
                       width=32, output_type="pt").images
     torch.testing.assert_close(ours, theirs, atol=1e-4, rtol=0)
+
+
+def test_offline_every_missing_model_is_named_at_once(tmp_path, monkeypatch):
+    """The generator and the paper's four rankers in one line, before anything loads (not one per attempt)."""
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "empty-cache"))
+    result = CliRunner().invoke(app, ["eval", "--generator", "sd-turbo", "--limit", "2", "--device", "cpu"])
+    assert result.exit_code == 2
+    line = result.output.strip()
+    assert "\n" not in line and line.startswith("Error: models not in the local Hugging Face cache")
+    for where in ("generator.model stabilityai/sd-turbo", "rankers.pickscore.model yuvalkirstain/PickScore_v1",
+                  "rankers.pickscore.processor laion/CLIP-ViT-H-14", "rankers.clip.model openai/clip-vit-large",
+                  "rankers.aesthetic.model openai/clip-vit-large", "rankers.hpsv2.tokenizer laion/CLIP-ViT-H-14"):
+        assert where in line
+    assert line.index("generator.model") < line.index("rankers.pickscore")
