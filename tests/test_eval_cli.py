@@ -95,6 +95,15 @@ def test_the_report_is_in_the_rankers_units_with_population_std_and_groups():
     assert (red["diff"], red["ci_low"], red["ci_high"]) == pytest.approx((100.0, 100.0, 100.0))
     assert blue["diff"] == pytest.approx(200.0) and blue["ci_low"] is None
     assert report["ci_method"].startswith("paired by (prompt, seed); Student t over prompts")
+    assert "mean_of_groups" not in entry
+    # GenEval's Overall: every group weighs the same. red: base (1+3+2+2)/4 = 2, finetuned (2+4+2+4)/4 = 3;
+    # blue: base (4+0)/2 = 2, finetuned (5+3)/2 = 4. Mean of groups: base 2, finetuned 3.5 (images: 20/6)
+    tasks = EvalRanker("tiny-grouped", GroupedBrightness(), Units(100, mean_of_groups=True))
+    overall = build_report(prompts={"set": "x"}, seeds=[42, 43], sides={"base": "b", "finetuned": "f"}, device="cpu",
+                           records=records, rankers=[tasks], scores={"base": {"tiny-grouped": BASE},
+                                                                     "finetuned": {"tiny-grouped": FINETUNED}})
+    assert overall["rankers"]["tiny-grouped"]["mean_of_groups"] == pytest.approx(
+        {"base": 200.0, "finetuned": 350.0, "diff": 150.0})
 
 
 # -- prompts, seeds and the device ---------------------------------------------------------------------
@@ -341,3 +350,22 @@ def test_offline_every_missing_model_is_named_at_once(tmp_path, monkeypatch):
                   "rankers.aesthetic.model openai/clip-vit-large", "rankers.hpsv2.tokenizer laion/CLIP-ViT-H-14"):
         assert where in line
     assert line.index("generator.model") < line.index("rankers.pickscore")
+
+
+def test_a_log_file_gets_whole_rows_whatever_its_width():
+    import io
+
+    from rich.console import Console
+
+    from drpo_core.report import print_report
+
+    records = [PromptRecord("a red apple"), PromptRecord("a red car"), PromptRecord("a blue car")]
+    name = "a-ranker-with-a-rather-long-name:and-its-variant"
+    report = build_report(prompts={"set": "x", "count": 3}, seeds=[42, 43], sides={"base": "b", "finetuned": "f"},
+                          device="cpu", records=records, rankers=[EvalRanker(name, GroupedBrightness(), Units(100))],
+                          scores={"base": {name: BASE}, "finetuned": {name: FINETUNED}})
+    log = io.StringIO()
+    print_report(report, Console(file=log, width=40))  # not a terminal: a file
+    rows = [line for line in log.getvalue().splitlines() if line.startswith("│")]
+    assert rows[0].startswith(f"│ {name} │ x100 ") and "[+" in rows[0]  # the name and the interval whole
+    assert len(rows) == 3  # one line per ranker and group: nothing wrapped

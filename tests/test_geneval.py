@@ -349,6 +349,10 @@ def test_the_headline_command_trains_on_tiny_models(tmp_path, tiny_dirs, tiny):
         assert 0 <= entry[side]["mean"] <= 100 and all(0 <= g[side]["mean"] <= 100 for g in groups.values())
         overall = sum(g[side]["mean"] * g[side]["n"] for g in groups.values()) / entry[side]["n"]
         assert overall == pytest.approx(entry[side]["mean"])
+        # GenEval's Overall: the mean of the tasks' accuracies
+        assert entry["mean_of_groups"][side] == pytest.approx(sum(g[side]["mean"] for g in groups.values())
+                                                              / len(groups))
+    assert "mean of groups" in evaluated.output
 
 
 def test_the_headline_command_without_weights_fails_in_one_line_naming_them(tmp_path):

@@ -48,14 +48,15 @@ def recommendations(variant: str | None) -> dict[str, Any]:
 
 @hookimpl
 def drpo_register_rankers(register: Register[Ranker]) -> None:
-    # units: the paper reports GenEval as percent correct (counting 33.8 -> 42.5); requires: both score against
+    # units: GenEval is reported in percent correct (counting 33.8 -> 42.5), its Overall the mean of the tasks'
+    # accuracies; requires: both score against
     # each prompt's GenEval clauses, so a run's prompt files must be GenEval .jsonl (checked before loading)
     register("geneval", _build, options=GenevalOptions, defaults=recommendations, variants=TAGS,
-             units=Units(100, "%"), provides=("binary",), requires=("geneval-prompts",),
+             units=Units(100, "%", mean_of_groups=True), provides=("binary",), requires=("geneval-prompts",),
              summary="GenEval correctness (0/1): Mask2Former or OWLv2 detections, CLIP colours, GenEval's rules; "
                      "variants per task (geneval:counting)")
     register("geneval-soft", _build_soft, options=GenevalOptions, defaults=prompt_recommendations, variants=TAGS,
-             units=Units(100, "%"), requires=("geneval-prompts",),
+             units=Units(100, "%", mean_of_groups=True), requires=("geneval-prompts",),
              summary="GenEval's share of clauses met (graded): the geneval ranker's denser signal")
 
 
