@@ -41,7 +41,7 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from drpo_core.config import parse_assignment, parse_seeds, set_dotted
+from drpo_core.config import parse_assignment, parse_seeds, resolve_path, set_dotted
 from drpo_core.context import BuildContext
 from drpo_core.errors import ComponentError, ConfigError, DrpoError, reason
 from drpo_core.interfaces import Generator, Ranker, Units
@@ -102,7 +102,7 @@ def prompt_set_path(spec: str) -> tuple[str, Path]:
             raise DrpoError(f"--prompts {spec}: the set ships in drpo's source tree ({PROMPT_SETS[spec]} under "
                             f"data/), not found at {path}: give the file itself")
         return spec, path
-    path = Path(spec).expanduser()
+    path = resolve_path(spec, Path.cwd()) if spec.startswith("pkg://") else Path(spec).expanduser()
     if not path.exists():
         raise DrpoError(f"--prompts {spec}: neither a prompt set ({', '.join(PROMPT_SETS)}) nor a file")
     return str(path), path

@@ -242,8 +242,9 @@ def evaluate_manifest(manifest: Path, rankers: Sequence[Any], batch_size: int = 
     scores = score_manifest(manifest, [(r.name, r.ranker) for r in rankers], batch_size)
     records = [PromptRecord(row["prompt"], row.get("metadata")) for row in rows]
     seeds = sorted({row["seed"] for row in rows if isinstance(row.get("seed"), int)})
-    prompts = {"set": str(manifest), "path": str(manifest), "count": len(dict.fromkeys(r.text for r in records)),
-               "total": len(rows), "limit": None, "subset_seed": None}
+    distinct = len(dict.fromkeys(r.text for r in records))  # prompts, as for a prompt set (images: rows)
+    prompts = {"set": str(manifest), "path": str(manifest), "count": distinct, "total": distinct, "limit": None,
+               "subset_seed": None}
     return build_report(prompts=prompts, seeds=seeds, sides={"images": str(manifest.parent)}, device=device,
                         records=records, rankers=rankers,
                         scores={"images": {name: values[:, None] for name, values in scores.items()}},

@@ -117,6 +117,8 @@ def test_shipped_prompt_sets_and_a_seeded_limit_keep_each_prompts_position():
     assert len(few.records) == 16 and few.ids == sorted(few.ids)
     assert [full.records[i].text for i in few.ids] == [r.text for r in few.records]
     assert set(select_prompts("pickscore-test", limit=8).ids) <= set(few.ids)  # a larger limit keeps the smaller
+    counting = select_prompts("pkg://drpo_geneval/data/eval_counting.jsonl")  # as recipes name packaged files
+    assert counting.total == 80 and all(r.metadata["tag"] == "counting" for r in counting.records)
 
 
 def test_protocol_noise_is_keyed_by_seed_times_a_million_plus_prompt_id():

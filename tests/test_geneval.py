@@ -201,6 +201,8 @@ def test_offline_the_ranker_names_every_missing_model_in_one_line(tmp_path, monk
             in message)
     with pytest.raises(PluginError, match=r"\(hf download facebook/mask2former-swin-small-coco-instance\)"):
         build_ranker(GenevalOptions(), BuildContext(variant="counting"))  # counting prompts need no CLIP
+    with pytest.raises(PluginError, match="^ranker 'geneval-soft': models not in the local"):
+        build_ranker(GenevalOptions(), BuildContext(variant="counting"), soft=True)
 
 
 # ------------------------------------------------------------------------------------------- prompts
@@ -264,6 +266,8 @@ def test_prompts_command_writes_refuses_to_overwrite_and_names_bad_tags(tmp_path
     assert again.exit_code == 2 and "exists" in again.output and read_rows(out) == rows
     bad = CliRunner().invoke(app, ["geneval", "prompts", str(tmp_path / "x.jsonl"), "--tag", "count"])
     assert bad.exit_code == 2 and "unknown task 'count'" in bad.output
+    absent = CliRunner().invoke(app, ["geneval", "prompts", str(tmp_path / "y.jsonl"), "--avoid", str(tmp_path / "no")])
+    assert absent.exit_code == 2 and f"Error: --avoid: prompt file not found: {tmp_path / 'no'}" in absent.output
 
 
 @pytest.mark.parametrize("ranker, key, assignment", [
