@@ -36,7 +36,7 @@ from drpo_core.context import LOCAL_PATH
 from drpo_core.errors import ConfigError, DrpoError
 from drpo_core.prompts import EVAL_SPLIT_COUNT, EVAL_SUBSET_COUNT, prompt_format
 from drpo_core.registry import ComponentSpec, Registry, get_registry, split_reference
-from drpo_core.validation import describe
+from drpo_core.validation import describe, validate_model
 
 #: every section is strict: a YAML ``true`` is not the number 1, ``"5"`` is not 5 (a float still takes
 #: an int); and every float is finite: ``.inf`` and ``.nan`` are refused wherever a number goes
@@ -81,6 +81,13 @@ class RankerConfig(ComponentConfig):
         if isinstance(data, dict) and data.get("timeout") is None:
             data.pop("timeout", None)
         return data
+
+
+def ranker_timeout(value: Any, where: str) -> float | None:
+    """A ranker section's ``timeout`` given outside a recipe (``drpo eval`` and ``drpo doctor`` take it as
+    ``--set rankers.NAME.timeout=SECONDS``), checked as a recipe's is; errors name ``where.timeout``."""
+    section = validate_model(RankerConfig, {"name": where, "timeout": value}, where)
+    return typing.cast(RankerConfig, section).timeout
 
 
 class SelectionConfig(_Strict):

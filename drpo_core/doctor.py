@@ -30,7 +30,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from drpo_core.config import PROMPT_REQUIREMENTS, is_local_path, parse_assignment, resolve_config
+from drpo_core.config import (
+    PROMPT_REQUIREMENTS,
+    is_local_path,
+    parse_assignment,
+    ranker_timeout,
+    resolve_config,
+)
 from drpo_core.context import BuildContext
 from drpo_core.errors import ConfigError, DrpoError, first_line, reason
 from drpo_core.registry import ComponentSpec, Registry, get_registry
@@ -125,6 +131,9 @@ class DoctorRequest:
     config_dir: Path
     #: the recipe's ``train.mixed_precision``: a ranker's ``dtype: auto`` follows it on CUDA, as in training
     mixed_precision: str = "no"
+    #: the section's ``timeout`` (a recipe's, or ``--set rankers.NAME.timeout``): the ranker then runs in a worker
+    #: process whose calls are ended when they pass it, as in training; None: in this process
+    timeout: float | None = None
 
 
 def default_rankers(registry: Registry) -> list[str]:
@@ -142,16 +151,21 @@ def requests(names: Sequence[str], assignments: Sequence[str] = (), recipe: Path
     """The rankers to check and their options, validated (bad input raises before anything loads).
 
     Options come from a recipe's ``rankers`` and ``eval.rankers`` sections (``recipe``), then from
-    ``--set rankers.NAME.KEY=VALUE`` lines. Without ``names``: the recipe's rankers, else
-    :func:`default_rankers`."""
+    ``--set rankers.NAME.KEY=VALUE`` lines; ``timeout`` is the section's, as in a recipe. Without ``names``: the
+    recipe's rankers, else :func:`default_rankers`. A ranker's ``device`` must be one this machine has."""
+    from drpo_core.preflight import check_component_devices
+
     registry = registry or get_registry()
     options: dict[str, dict[str, Any]] = {}
+    timeouts: dict[str, float | None] = {}
     config_dir, precision = Path.cwd(), "no"
     if recipe is not None:  # the whole recipe is checked, as `drpo train` would
         resolved = resolve_config(recipe, registry=registry)
         config_dir, precision = resolved.config_dir, resolved.config.train.mixed_precision
         for section in [*resolved.config.rankers, *resolved.config.eval.rankers]:
             options.setdefault(section.name, {}).update(section.options)
+            if section.timeout is not None:
+                timeouts[section.name] = section.timeout
     set_names: list[str] = []
     for line in assignments:
         key, value = parse_assignment(line)
@@ -160,7 +174,11 @@ def requests(names: Sequence[str], assignments: Sequence[str] = (), recipe: Path
             raise ConfigError(f"--set {key}: doctor takes ranker options as rankers.NAME.KEY=VALUE "
                               "(e.g. rankers.pickscore.model=/models/PickScore_v1)")
         name, option = ".".join(parts[1:-1]), parts[-1]  # ranker names may hold dots (hpsv2.1)
-        options.setdefault(name, {})[option] = value
+        if option == "timeout":  # the section's key, not the ranker's own option
+            timeouts[name] = ranker_timeout(value, f"rankers.{name}")
+            options.setdefault(name, {})
+        else:
+            options.setdefault(name, {})[option] = value
         set_names.append(name)
     chosen = list(names) or list(options) or default_rankers(registry)
     unused = [name for name in set_names if name not in chosen]
@@ -169,8 +187,14 @@ def requests(names: Sequence[str], assignments: Sequence[str] = (), recipe: Path
                           f"({', '.join(chosen)})")
     out = []
     for name in dict.fromkeys(chosen):
-        registry.validate_options("ranker", name, options.get(name, {}), f"rankers.{name}")
-        out.append(DoctorRequest(name, options.get(name, {}), config_dir, precision))
+        validated = registry.validate_options("ranker", name, options.get(name, {}), f"rankers.{name}")
+        check_component_devices({f"rankers.{name}": validated})
+        timeout = timeouts.get(name)
+        spec = registry.get("ranker", name)
+        if "timeout" in spec.requires and timeout is None:
+            raise ConfigError(f"rankers.{name}.timeout: ranker {spec.name!r} needs a timeout (seconds one score call "
+                              f"may take, retries included), e.g. --set rankers.{name}.timeout=120")
+        out.append(DoctorRequest(name, options.get(name, {}), config_dir, precision, timeout))
     return out
 
 
@@ -293,15 +317,28 @@ def run_doctor(checks: Sequence[DoctorRequest], device: str = "cpu", registry: R
             continue
         context = BuildContext(device=device, mixed_precision=check.mixed_precision, config_dir=check.config_dir)
         try:
-            ranker = registry.build("ranker", check.name, dict(check.options), context, f"rankers.{check.name}")
+            ranker = _build(registry, check, context)
         except Exception as error:  # missing weights, out of memory: this ranker fails, others go on
             why = first_line(error) if isinstance(error, DrpoError) else reason(error)
             verdicts.append(Verdict(check.name, False, problems=[f"cannot be built: {why}"]))
             continue
-        verdicts.append(examine(check.name, ranker, photos))
+        try:
+            verdicts.append(examine(check.name, ranker, photos))
+        finally:
+            getattr(ranker, "close", lambda: None)()  # a worker process ends with its check
         del ranker
         gc.collect()
     return verdicts
+
+
+def _build(registry: Registry, check: DoctorRequest, context: BuildContext) -> Any:
+    """The ranker as a run builds it: in this process, or in a worker process when its section has a timeout."""
+    from drpo_core.worker import ranker_in_worker
+
+    where = f"rankers.{check.name}"
+    if check.timeout is None:
+        return registry.build("ranker", check.name, dict(check.options), context, where)
+    return ranker_in_worker(registry, check.name, dict(check.options), context, where=where, timeout=check.timeout)
 
 
 def exit_code(verdicts: Sequence[Verdict]) -> int:

@@ -11,6 +11,7 @@ keys ``drift.key_weights`` names: checked by the trainer right after building, b
 from __future__ import annotations
 
 import os
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -44,8 +45,19 @@ def check_run(resolved: ResolvedConfig, *, new_run: bool) -> RunPrompts:
     returns the prompts. One :class:`DrpoError` line per problem, naming the key and its origin."""
     cfg = resolved.config
     check_device(cfg.train.device, _named(resolved, "train.device"))
+    check_component_devices(resolved.options, lambda key: _named(resolved, key))
     check_output_dir(Path(cfg.output_dir), new_run=new_run)
     return load_run_prompts(resolved)
+
+
+def check_component_devices(options: Mapping[str, Any], named: Callable[[str], str] = str) -> None:
+    """Each component's own ``device`` option (a ranker on a second GPU: ``ModelRunOptions.device``) names a
+    device this machine has, as ``train.device`` must: ``options`` maps a section ("rankers.0") to its
+    validated options; ``named`` says where a key's value came from."""
+    for where, section in options.items():
+        device = getattr(section, "device", None)
+        if isinstance(device, str):
+            check_device(device, named(f"{where}.device"))
 
 
 def check_models_cached(resolved: ResolvedConfig) -> None:

@@ -29,12 +29,14 @@ import pluggy
 from drpo_core import hookspecs
 from drpo_core.assets import Asset
 from drpo_core.context import BuildContext
-from drpo_core.errors import ConfigError, PluginError
+from drpo_core.errors import ComponentError, ConfigError, PluginError
 from drpo_core.interfaces import API_VERSION, Units
 from drpo_core.validation import validate_model
 
 ENTRY_POINT_GROUP = "drpo"
 BUILTIN_DISTRIBUTION = "drpo"
+#: what torch says (an AssertionError) when a CPU-only build is asked for a CUDA device
+NO_CUDA = "Torch not compiled with CUDA enabled"
 KINDS = ("generator", "ranker", "feature", "kernel", "asset")
 _HOOKS = {
     "generator": "drpo_register_generators",
@@ -309,6 +311,12 @@ class Registry:
             raise PluginError(
                 f"{kind} {spec.name!r} from {spec.plugin.distribution} needs a missing package: {error}"
             ) from error
+        except (AssertionError, RuntimeError) as error:
+            if NO_CUDA not in str(error):
+                raise
+            # a device the preflight did not see (set by the plugin itself): one line, not torch's traceback
+            raise ComponentError(f"{where or kind}: {kind} {spec.name!r} asked for a CUDA device, but this torch "
+                                 "was built without CUDA (set its device to cpu)") from error
         _check_built(spec, component)
         return component
 

@@ -191,26 +191,60 @@ def split_assignments(assignments: Sequence[str], rankers: Sequence[str]) -> tup
     return generator_lines, options
 
 
+@dataclass(frozen=True)
+class CheckedRanker:
+    """A ``--ranker``'s options validated by its plugin, and its section ``timeout`` (None: no limit)."""
+
+    options: Any
+    #: ``--set rankers.NAME.timeout=SECONDS``: the ranker then runs in a worker process, as in training
+    timeout: float | None = None
+
+
 def check_rankers(references: Sequence[str], options: Sequence[Mapping[str, Any]],
                   registry: Registry | None = None) -> list[Any]:
-    """Each ranker's options validated by its plugin (``rankers.NAME.KEY: ...`` on error), before any loads."""
+    """Each ranker's options validated by its plugin (``rankers.NAME.KEY: ...`` on error), its ``device``
+    checked against this machine and its ``timeout`` (a section key, as in a recipe) against what the ranker
+    needs, before any loads. Returns a :class:`CheckedRanker` per ranker, for :func:`build_rankers`."""
+    from drpo_core.config import ranker_timeout
+    from drpo_core.preflight import check_component_devices
+
     registry = registry or get_registry()
     if not references:
         raise DrpoError("--ranker: name at least one ranker")
     repeated = sorted({r for r in references if list(references).count(r) > 1})
     if repeated:
         raise DrpoError(f"--ranker {repeated[0]} is given twice")
-    return [registry.validate_options("ranker", ref, dict(opts), f"rankers.{ref}")
-            for ref, opts in zip(references, options, strict=True)]
+    checked = []
+    for index, (ref, given) in enumerate(zip(references, options, strict=True)):
+        where, rest = f"rankers.{ref}", dict(given)
+        timeout = ranker_timeout(rest.pop("timeout", None), where)
+        validated = registry.validate_options("ranker", ref, rest, where)
+        check_component_devices({where: validated})
+        spec = registry.get("ranker", ref)
+        if "timeout" in spec.requires and timeout is None:
+            raise ConfigError(f"{where}.timeout: ranker {spec.name!r} needs a timeout (seconds one score call may "
+                              f"take, retries included), e.g. --set rankers.{index}.timeout=120")
+        checked.append(CheckedRanker(validated, timeout))
+    return checked
 
 
 def build_rankers(references: Sequence[str], options: Sequence[Any], context: BuildContext,
                   registry: Registry | None = None) -> list[EvalRanker]:
-    """The rankers, built with their (checked) options, each with its registered units."""
+    """The rankers, built with their options as :func:`check_rankers` returned them (a :class:`CheckedRanker`
+    each), with their registered units; one with a ``timeout`` runs in a worker process whose calls are ended
+    when they pass it (as ``drpo train`` runs it)."""
+    from drpo_core.worker import ranker_in_worker
+
     registry = registry or get_registry()
     built = []
-    for ref, opts in zip(references, options, strict=True):
-        ranker = registry.build("ranker", ref, opts, context, f"rankers.{ref}")
+    for ref, checked in zip(references, options, strict=True):
+        where = f"rankers.{ref}"
+        if not isinstance(checked, CheckedRanker):
+            checked = CheckedRanker(checked)
+        if checked.timeout is None:
+            ranker = registry.build("ranker", ref, checked.options, context, where)
+        else:
+            ranker = ranker_in_worker(registry, ref, checked.options, context, where=where, timeout=checked.timeout)
         built.append(EvalRanker(ref, ranker, registry.get("ranker", ref).units or Units()))
     return built
 

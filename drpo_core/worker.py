@@ -328,6 +328,9 @@ class _RankerHost:
         self.api_version = getattr(ranker, "api_version", API_VERSION)
         self.binary = bool(getattr(ranker, "binary", False))
         self.differentiable = bool(getattr(ranker, "differentiable", False))
+        # what `drpo doctor` checks a ranker against (its declared range; whether it reads the prompt)
+        self.uses_prompt = bool(getattr(ranker, "uses_prompt", True))
+        self.score_range = getattr(ranker, "score_range", None)
 
     def score(self, images: torch.Tensor, prompts: list[str], metadata: list[Any]) -> Any:
         with torch.no_grad():
@@ -342,13 +345,17 @@ def _build_ranker(factory: Callable[[Any, BuildContext], Any], options: Any, con
     return _RankerHost(factory(options, context), context.device)
 
 
+#: a hosted ranker's declarations its :class:`WorkerRanker` repeats
+_REPORTED = ("api_version", "binary", "differentiable", "uses_prompt", "score_range")
+
+
 class WorkerRanker(Ranker):
     """A ranker that lives in a :class:`Worker`: ``score`` sends CPU images and waits with the deadline."""
 
     def __init__(self, worker: Worker, name: str):
         self.worker, self.name = worker, name
         # the hosted ranker's declarations, per instance (a worker can host any ranker class)
-        for attribute in ("api_version", "binary", "differentiable"):
+        for attribute in _REPORTED:
             setattr(self, attribute, worker.attributes[attribute])
 
     @property
@@ -386,11 +393,10 @@ def ranker_in_worker(registry: Registry, reference: str, options: Any, context: 
                           "defined at module level in an importable module (not a lambda, a nested function "
                           "or the main script)") from None
     context = BuildContext(**{**context.__dict__, "variant": split_reference(reference)[1], "timeout": timeout})
-    report = ("api_version", "binary", "differentiable")
     try:
         # named as referenced: a variant says which one (a remote ranker's is its URL)
         worker = Worker(_build_ranker, (spec.factory, options, context), name=f"ranker {reference!r}",
-                        timeout=timeout, report=report)
+                        timeout=timeout, report=_REPORTED)
     except ImportError as error:
         raise PluginError(f"ranker {spec.name!r} from {spec.plugin.distribution} needs a missing package: "
                           f"{error}") from error

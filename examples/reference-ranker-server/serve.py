@@ -69,6 +69,8 @@ def decode_request(body: bytes):
     shape = field.get("shape")
     if not (isinstance(shape, list) and len(shape) == 4 and all(type(n) is int and n > 0 for n in shape)):
         raise BadRequest(f'"images.shape" must be 4 positive integers [N, C, H, W] (got {shape!r})')
+    if shape[1] != 3:
+        raise BadRequest(f'"images.shape" {shape}: images must be RGB, C = 3 (got C = {shape[1]})')
     try:
         raw = base64.b64decode(field.get("data", ""), validate=True)
     except (binascii.Error, TypeError, ValueError):

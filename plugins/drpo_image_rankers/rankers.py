@@ -24,6 +24,8 @@ def _statistic(name: str, images: torch.Tensor) -> torch.Tensor:
 
 
 class StatisticRanker(Ranker):
+    uses_prompt = False  # a statistic of the pixels: `drpo doctor` checks that the caption changes nothing
+
     def __init__(self, statistic: str, invert: bool = False):
         self.statistic, self.sign = statistic, -1.0 if invert else 1.0
 

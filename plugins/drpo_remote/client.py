@@ -63,6 +63,7 @@ class RemoteRanker(Ranker):
         self.deadline = deadline - _margin(deadline)
         self.token = _token(options.token_env)
         self.metadata = self._read_metadata()
+        self.uses_prompt = bool(self.metadata.get("uses_prompt", True))  # absent: it may read the prompt
         if bool(self.metadata.get("binary")) != binary:
             kind, name = ("binary (0/1)", "remote-binary") if self.metadata.get("binary") else ("graded", "remote")
             raise ConfigError(f"{self.url} serves {self.metadata.get('name')!r}, whose scores are {kind}: use the "
@@ -171,7 +172,8 @@ def build_remote(options: RemoteOptions, context: BuildContext, binary: bool) ->
     if not context.variant:
         raise ConfigError(f"ranker {name!r} needs the server's URL: {name}:http://HOST:PORT")
     if context.timeout is None:
-        raise ConfigError(f"ranker {name}:{context.variant} needs a timeout in its section (seconds one score "
-                          "call may take, retries included), e.g. --set rankers.0.timeout=120")
+        raise ConfigError(f"ranker {name}:{context.variant} needs a timeout (seconds one score call may take, "
+                          "retries included): `timeout: 120` in its ranker section of a recipe, or --set "
+                          "rankers.NAME.timeout=120 with drpo eval and drpo doctor")
     kind = BinaryRemoteRanker if binary else RemoteRanker
     return kind(context.variant, options, context.timeout, binary=binary)

@@ -25,8 +25,9 @@ def serve_ranker(
 
     from drpo_core.context import BuildContext
     from drpo_core.errors import ConfigError
+    from drpo_core.preflight import check_device, resolve_device
     from drpo_core.registry import get_registry, split_reference
-    from drpo_remote.server import make_app, serve
+    from drpo_remote.server import listen, make_app, serve
 
     token = None
     if token_env is not None:
@@ -37,13 +38,17 @@ def serve_ranker(
         typer.echo(f"warning: serving on {host} without a token (--token-env): anyone who reaches it can use it",
                    err=True)
     options = dict(_parse_option(text) for text in assignments or [])
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    context = BuildContext(device=device)
-    built = get_registry().build("ranker", ranker, options, context, "ranker")
+    device = resolve_device(device, "--device") if device else "cuda" if torch.cuda.is_available() else "cpu"
+    registry = get_registry()
+    checked = registry.validate_options("ranker", ranker, options, "ranker")
+    if isinstance(getattr(checked, "device", None), str):  # the ranker's own device option: --set device=cuda:1
+        check_device(checked.device, "--set device")
+    sock = listen(host, port)  # a taken port fails here, before the ranker loads and before "serving"
+    built = registry.build("ranker", ranker, checked, BuildContext(device=device), "ranker")
     name, variant = split_reference(ranker)
     app = make_app(built, name=name, variant=variant, token=token, max_batch=max_batch, device=device)
-    typer.echo(f"serving ranker {ranker!r} on http://{host}:{port} ({device})")
-    serve(app, host, port)
+    typer.echo(f"serving ranker {ranker!r} on http://{host}:{sock.getsockname()[1]} ({device})")
+    serve(app, sock)
 
 
 def _parse_option(text: str) -> tuple[str, object]:

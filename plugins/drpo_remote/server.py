@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import asyncio
 import hmac
+import socket
 import time
 from typing import Any
 
 import torch
 
+from drpo_core.errors import DrpoError
 from drpo_remote.wire import (
     HEALTH,
     METADATA,
@@ -38,7 +40,7 @@ def make_app(ranker: Any, *, name: str, variant: str | None, token: str | None, 
     queue = asyncio.Lock()
     metadata = {"api": WIRE_VERSION, "name": name, "variant": variant, "binary": bool(getattr(ranker, "binary", False)),
                 "server": f"drpo {drpo_core.__version__}", "drpo_version": drpo_core.__version__,
-                "max_batch": max_batch}
+                "max_batch": max_batch, "uses_prompt": bool(getattr(ranker, "uses_prompt", True))}
 
     def refused(request: Request) -> Response | None:
         if token is None:
@@ -91,7 +93,26 @@ def make_app(ranker: Any, *, name: str, variant: str | None, token: str | None, 
     return Starlette(routes=[Route(HEALTH, health), Route(METADATA, describe), Route(SCORE, score, methods=["POST"])])
 
 
-def serve(app: Any, host: str, port: int) -> None:
+def listen(host: str, port: int) -> socket.socket:
+    """A socket bound to ``host:port`` (port 0: any free one), or one line saying why it cannot be: the server
+    binds it itself so that a taken port is a clear error before the ranker loads, not uvicorn's log line."""
+    try:
+        family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
+    except socket.gaierror as error:
+        raise DrpoError(f"--host {host}: cannot resolve it ({error.strerror})") from None
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn does: a restart reuses the port
+    try:
+        sock.bind((host, port))
+    except OSError as error:
+        sock.close()
+        raise DrpoError(f"--port {port}: cannot listen on {host}:{port}: {error.strerror or error}") from None
+    return sock
+
+
+def serve(app: Any, sock: socket.socket) -> None:
+    """Serve ``app`` on a socket from :func:`listen` until interrupted."""
     import uvicorn
 
-    uvicorn.run(app, host=host, port=port, log_level="warning", access_log=False)
+    config = uvicorn.Config(app, log_level="warning", access_log=False)
+    uvicorn.Server(config).run(sockets=[sock])

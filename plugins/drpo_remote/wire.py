@@ -21,6 +21,8 @@ from typing import Any
 import torch
 
 WIRE_VERSION = 1
+#: the wire carries RGB images, channel first
+CHANNELS = 3
 HEALTH, METADATA, SCORE = "/v1/health", "/v1/metadata", "/v1/score"
 
 
@@ -47,6 +49,8 @@ def decode_images(field: Any) -> torch.Tensor:
     shape = field.get("shape")
     if not (isinstance(shape, list) and len(shape) == 4 and all(type(n) is int and n > 0 for n in shape)):
         raise WireError(f'"images.shape" must be 4 positive integers [N, C, H, W] (got {shape!r})')
+    if shape[1] != CHANNELS:
+        raise WireError(f'"images.shape" {shape}: images must be RGB, C = {CHANNELS} (got C = {shape[1]})')
     try:
         raw = base64.b64decode(field.get("data", ""), validate=True)
     except (binascii.Error, TypeError, ValueError):
