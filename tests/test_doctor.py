@@ -289,3 +289,18 @@ def test_unknown_ranker_names_fail_before_anything_loads(clip_registry):
         requests(["pickscor"])
     with pytest.raises(ConfigError, match="rankers.clip.colour"):
         requests(["clip"], ["rankers.clip.colour=red"])
+
+
+def test_programmatic_rankers_pass_as_prompt_free_in_this_process_and_in_a_worker(isolated_registry, monkeypatch,
+                                                                                 tmp_path):
+    """Image statistics ignore the caption (``uses_prompt = False``): the doctor checks that it changes nothing
+    rather than failing them on the caption check; a worker process (a section ``timeout``) keeps the declaration."""
+    isolated_registry.register_module(drpo_image_rankers)
+    monkeypatch.chdir(tmp_path)
+    names = ["brightness", "saturation", "contrast", "redness"]
+    result = CliRunner().invoke(app, ["doctor", *names, "--set", "rankers.contrast.timeout=60", "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    lines = result.output.splitlines()
+    assert [line.split(":")[0] for line in lines] == names
+    for line in lines:
+        assert ": PASS (prompt ignored as declared: the caption check does not apply; scores " in line, line

@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from drpo_core.context import BuildContext
+from drpo_core.errors import ConfigError
 from drpo_remote.client import RemoteOptions, RemoteRanker, RemoteRankerError
 from drpo_remote.wire import quantise, score_request
 from tests.remote_servers import drpo_server, free_port, reference_server
@@ -100,6 +101,9 @@ def test_a_missing_or_wrong_token_gets_401(server, token, monkeypatch):
                  "prompts": ["a"]}).encode(), "2 images, 1 prompts and 1 metadata"),
     (json.dumps({"id": "x", "images": {"dtype": "float32", "shape": [1, 3, 2, 2], "data": ""},
                  "prompts": ["a"]}).encode(), '"dtype": "uint8"'),
+    (json.dumps({"id": "x", "images": {"dtype": "uint8", "shape": [1, 1, 2, 2],
+                                       "data": base64.b64encode(bytes(4)).decode()},
+                 "prompts": ["a"]}).encode(), '"images.shape" [1, 1, 2, 2]: images must be RGB, C = 3 (got C = 1)'),
 ])
 def test_a_malformed_request_gets_400_with_the_reason(server, body, message):
     status, answer = _post(server.url, body)
@@ -133,5 +137,8 @@ def test_concurrent_client_processes_get_their_own_scores_in_order(server):
 def test_the_remote_ranker_needs_a_deadline_and_a_url():
     from drpo_remote import _build_graded
 
-    with pytest.raises(Exception, match=r"needs a timeout in its section .* --set rankers.0.timeout=120"):
+    with pytest.raises(ConfigError) as error:  # a hint that holds in a recipe, drpo eval and drpo doctor alike
         _build_graded(RemoteOptions(), BuildContext(variant="http://127.0.0.1:1"))
+    assert str(error.value) == ("ranker remote:http://127.0.0.1:1 needs a timeout (seconds one score call may take, "
+                                "retries included): `timeout: 120` in its ranker section of a recipe, or --set "
+                                "rankers.NAME.timeout=120 with drpo eval and drpo doctor")
