@@ -153,7 +153,7 @@ def requests(names: Sequence[str], assignments: Sequence[str] = (), recipe: Path
     Options come from a recipe's ``rankers`` and ``eval.rankers`` sections (``recipe``), then from
     ``--set rankers.NAME.KEY=VALUE`` lines; ``timeout`` is the section's, as in a recipe. Without ``names``: the
     recipe's rankers, else :func:`default_rankers`. A ranker's ``device`` must be one this machine has."""
-    from drpo_core.preflight import check_component_devices
+    from drpo_core.devices import check_component_devices
 
     registry = registry or get_registry()
     options: dict[str, dict[str, Any]] = {}

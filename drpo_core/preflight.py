@@ -11,12 +11,18 @@ keys ``drift.key_weights`` names: checked by the trainer right after building, b
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from drpo_core.config import DEVICE_NAMES, DEVICE_PATTERN, ResolvedConfig, resolve_path
+from drpo_core.config import ResolvedConfig, resolve_path
+
+# the device checks live apart (drpo eval's ranker checks use them without the run-directory ones); named here too
+from drpo_core.devices import available_devices as available_devices
+from drpo_core.devices import best_device as best_device
+from drpo_core.devices import check_component_devices as check_component_devices
+from drpo_core.devices import check_device as check_device
+from drpo_core.devices import resolve_device as resolve_device
 from drpo_core.errors import ConfigError, DrpoError
 from drpo_core.hub import check_models_offline
 from drpo_core.prompts import (
@@ -50,16 +56,6 @@ def check_run(resolved: ResolvedConfig, *, new_run: bool) -> RunPrompts:
     return load_run_prompts(resolved)
 
 
-def check_component_devices(options: Mapping[str, Any], named: Callable[[str], str] = str) -> None:
-    """Each component's own ``device`` option (a ranker on a second GPU: ``ModelRunOptions.device``) names a
-    device this machine has, as ``train.device`` must: ``options`` maps a section ("rankers.0") to its
-    validated options; ``named`` says where a key's value came from."""
-    for where, section in options.items():
-        device = getattr(section, "device", None)
-        if isinstance(device, str):
-            check_device(device, named(f"{where}.device"))
-
-
 def check_models_cached(resolved: ResolvedConfig) -> None:
     """Offline, every hub model the run's components name must be cached: one line naming all the missing ones
     (:func:`drpo_core.hub.check_models_offline`), rather than one per attempt as each loads in turn."""
@@ -72,54 +68,6 @@ def _section(config: Any, where: str) -> Any:
     for part in where.split("."):
         config = config[int(part)] if part.isdigit() else getattr(config, part)
     return config
-
-
-def check_device(device: str, where: str = "device") -> None:
-    """``device`` is a name drpo knows and this machine has; ``where`` names it in the error."""
-    if not DEVICE_PATTERN.match(device):
-        raise ConfigError(f"{where}: unknown device {device!r} (use {DEVICE_NAMES})")
-    kind, _, index = device.partition(":")
-    if kind not in ("cuda", "mps"):
-        return
-    available = available_devices()
-    if kind == "mps" and "mps" not in available:
-        raise ConfigError(f"{where}: mps is not available on this machine (available: {', '.join(available)})")
-    gpus = [name for name in available if name.startswith("cuda:")]
-    if kind == "cuda" and not gpus:
-        raise ConfigError(f"{where}: {device} is not available: torch sees no CUDA GPU on this machine "
-                          f"(available: {', '.join(available)})")
-    if index and int(index) >= len(gpus):
-        raise ConfigError(f"{where}: {device} does not exist: this machine has {len(gpus)} CUDA "
-                          f"GPU{'s' if len(gpus) > 1 else ''} (available: {', '.join(available)})")
-
-
-def best_device() -> str:
-    """The device ``--device auto`` means: ``cuda`` when torch sees a GPU, else ``mps`` where present, else ``cpu``."""
-    import torch
-
-    if torch.cuda.is_available():
-        return "cuda"
-    if torch.backends.mps.is_available():
-        return "mps"
-    return "cpu"
-
-
-def resolve_device(device: str, where: str = "--device") -> str:
-    """``device`` checked as :func:`check_device` does, with ``auto`` replaced by :func:`best_device`."""
-    check_device(device, where)
-    return best_device() if device == "auto" else device
-
-
-def available_devices() -> list[str]:
-    """The devices torch can use here: ``cpu``, then ``cuda:0``... and ``mps`` where present."""
-    import torch
-
-    devices = ["cpu"]
-    if torch.cuda.is_available():
-        devices += [f"cuda:{i}" for i in range(torch.cuda.device_count())]
-    if torch.backends.mps.is_available():
-        devices.append("mps")
-    return devices
 
 
 def check_output_dir(run_dir: Path, *, new_run: bool) -> None:

@@ -206,7 +206,7 @@ def check_rankers(references: Sequence[str], options: Sequence[Mapping[str, Any]
     checked against this machine and its ``timeout`` (a section key, as in a recipe) against what the ranker
     needs, before any loads. Returns a :class:`CheckedRanker` per ranker, for :func:`build_rankers`."""
     from drpo_core.config import ranker_timeout
-    from drpo_core.preflight import check_component_devices
+    from drpo_core.devices import check_component_devices
 
     registry = registry or get_registry()
     if not references:

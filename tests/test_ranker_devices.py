@@ -13,8 +13,8 @@ import torch
 from typer.testing import CliRunner
 
 from drpo_cli.main import app
+from drpo_core import devices as devices_module
 from drpo_core import hookimpl
-from drpo_core import preflight as preflight_module
 from drpo_core.context import BuildContext, ModelRunOptions
 from drpo_core.errors import ComponentError
 from drpo_core.registry import NO_CUDA
@@ -49,7 +49,7 @@ class _DevicePlugin:
 @pytest.fixture
 def cpu_only(isolated_registry, monkeypatch, tmp_path):
     isolated_registry.register_module(_DevicePlugin())
-    monkeypatch.setattr(preflight_module, "available_devices", lambda: ["cpu"])
+    monkeypatch.setattr(devices_module, "available_devices", lambda: ["cpu"])
     monkeypatch.chdir(tmp_path)
     Path("prompts.txt").write_text("a warm sunset\na cold lake\na red apple\n")
     return isolated_registry
