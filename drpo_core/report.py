@@ -199,6 +199,13 @@ class CheckedRanker:
     #: ``--set rankers.NAME.timeout=SECONDS``: the ranker then runs in a worker process, as in training
     timeout: float | None = None
 
+    def hub_models(self, variant: str | None) -> dict[str, str]:
+        """The hub models its options name, for the offline check (:func:`drpo_core.hub.check_models_offline`
+        takes a :class:`CheckedRanker` where it takes options)."""
+        from drpo_core.hub import _hub_models
+
+        return _hub_models(self.options, variant)
+
 
 def check_rankers(references: Sequence[str], options: Sequence[Mapping[str, Any]],
                   registry: Registry | None = None) -> list[Any]:
