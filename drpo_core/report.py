@@ -199,16 +199,9 @@ class CheckedRanker:
     #: ``--set rankers.NAME.timeout=SECONDS``: the ranker then runs in a worker process, as in training
     timeout: float | None = None
 
-    def hub_models(self, variant: str | None) -> dict[str, str]:
-        """The hub models its options name, for the offline check (:func:`drpo_core.hub.check_models_offline`
-        takes a :class:`CheckedRanker` where it takes options)."""
-        from drpo_core.hub import _hub_models
-
-        return _hub_models(self.options, variant)
-
 
 def check_rankers(references: Sequence[str], options: Sequence[Mapping[str, Any]],
-                  registry: Registry | None = None) -> list[Any]:
+                  registry: Registry | None = None) -> list[CheckedRanker]:
     """Each ranker's options validated by its plugin (``rankers.NAME.KEY: ...`` on error), its ``device``
     checked against this machine and its ``timeout`` (a section key, as in a recipe) against what the ranker
     needs, before any loads. Returns a :class:`CheckedRanker` per ranker, for :func:`build_rankers`."""

@@ -110,8 +110,8 @@ def evaluate_target(target: Path | None, *, generator: str | None, rankers: Sequ
     ``progress(total)`` returns a callback told how many (prompt, seed) pairs each batch finished."""
     check_batch_size(batch_size)
     names = list(rankers) or list(PAPER_RANKERS)
-    generator_lines, ranker_options = split_assignments(assignments, names)
-    ranker_options = check_rankers(names, ranker_options)
+    generator_lines, ranker_lines = split_assignments(assignments, names)
+    ranker_options = check_rankers(names, ranker_lines)
     if json_path is not None:
         check_out_dir(json_path.parent, "--json")
         if json_path.is_dir():
@@ -140,7 +140,8 @@ def evaluate_target(target: Path | None, *, generator: str | None, rankers: Sequ
         components["generator"] = (run_config.options["generator"], run_config.config.generator.name)
     elif generator is not None:
         components["generator"] = (generator_options(generator, generator_lines), generator)
-    components.update({f"rankers.{name}": (opts, name) for name, opts in zip(names, ranker_options, strict=True)})
+    components.update({f"rankers.{name}": (checked.options, name)
+                       for name, checked in zip(names, ranker_options, strict=True)})
     check_models_offline(components, Path.cwd())
     model, sides = eval_sides(target, generator, generator_lines, checkpoint, device)
     model.check_prompts(list(dict.fromkeys(r.text for r in selection.records)))
