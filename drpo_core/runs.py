@@ -267,6 +267,11 @@ def check_new_run_dir(run_dir: Path) -> None:
     if run_dir.exists() and not run_dir.is_dir():
         raise DrpoError(f"output directory {run_dir} is a file")
     held = run_in(run_dir) if run_dir.is_dir() else None
+    metrics = run_dir / "metrics.jsonl"
+    no_step = not (metrics.is_file() and metrics.stat().st_size)
+    if held and "checkpoints" not in held and no_step:  # a run killed before it finished a step
+        raise DrpoError(f"{run_dir} holds the files of a run that wrote no checkpoint ({held}): there is nothing "
+                        f"to resume; if that run is not running any more, delete them, or choose another --output-dir")
     if held:
         raise DrpoError(f"{run_dir} already holds a run ({held}): continue it with `drpo train --resume latest "
                         f"--output-dir {run_dir}` (add --set train.steps=N to run longer), or choose another --output-dir")

@@ -441,3 +441,42 @@ def _ended(pids: list[int], within: float) -> bool:
             return False
         time.sleep(0.05)
     return True
+
+
+# -- a run that fails before its first checkpoint leaves the folder as it found it ----------------------
+
+
+@pytest.mark.parametrize("kept", [False, True])
+def test_a_run_failing_before_its_first_checkpoint_removes_its_files_and_the_next_try_starts(tmp_path, flaky,
+                                                                                             kept):
+    flaky.FAIL = {EVAL_CALLS["before"]}
+    run = tmp_path / "run"
+    if kept:  # a folder the user had: what was in it stays
+        run.mkdir(parents=True)
+        (run / "notes.txt").write_text("mine\n")
+    out = io.StringIO()
+    config = tiny_config(tmp_path, rankers=["flaky"], train={"steps": 2})
+    with pytest.raises(DrpoError, match="^the evaluation before training failed"):
+        _trainer(config, _FlakyPlugin(), console=Console(file=out, width=300)).train()
+    assert f"removed the files this run wrote in {run} (it failed before its first checkpoint)" in out.getvalue()
+    if kept:
+        assert sorted(p.name for p in run.iterdir()) == ["notes.txt"] and (run / "notes.txt").read_text() == "mine\n"
+    else:
+        assert not run.exists()
+    summary = _trainer(config, _FlakyPlugin()).train()  # the same --output-dir takes the next try
+    assert summary["step"] == 2 and _latest(run) == "step-000002"
+    assert [json.loads(line)["step"] for line in (run / "eval.jsonl").read_text().splitlines()] == [0, 2]
+
+
+def test_a_run_killed_before_its_first_step_is_named_as_such_not_as_one_to_resume(tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    for name, text in (("config.yaml", "seed: 0\n"), ("run.json", "{}\n"), ("metrics.jsonl", "")):
+        (run / name).write_text(text)
+    config = tiny_config(tmp_path)
+    with pytest.raises(DrpoError) as refused:
+        _trainer(config).train()
+    assert str(refused.value) == (
+        f"{run} holds the files of a run that wrote no checkpoint (config.yaml, run.json, metrics.jsonl): there is "
+        "nothing to resume; if that run is not running any more, delete them, or choose another --output-dir")
+    assert sorted(p.name for p in run.iterdir()) == ["config.yaml", "metrics.jsonl", "run.json"]
