@@ -6,6 +6,7 @@ import json
 import math
 import os
 import platform
+import re
 import subprocess
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
@@ -127,11 +128,7 @@ def eval_sides(run_dir: Path | None, generator: str | None, generator_lines: lis
     and its trained ``sample``, on the same noise), or a base generator alone. Returns the model and
     ``{side: (label, render)}``."""
     if run_dir is not None:
-        if generator:
-            raise DrpoError(f"{run_dir}: give a run directory or --generator, not both (the run names its generator)")
-        if generator_lines:
-            raise ConfigError("--set generator.*: a run's generator is rebuilt as it was trained; evaluate another "
-                              "base model with --generator NAME --set generator.KEY=VALUE")
+        check_run_alone(run_dir, generator, generator_lines, "evaluate")
         check_run_weights(run_dir, checkpoint)
         resolved, model = load_generator(run_dir, checkpoint, device)
         step = resolve_checkpoint(run_dir, checkpoint).name
@@ -143,17 +140,28 @@ def eval_sides(run_dir: Path | None, generator: str | None, generator_lines: lis
     return model, {"base": (_generator_label(generator, model), render(model, base=True))}
 
 
+def check_run_alone(run_dir: Path, generator: str | None, generator_lines: Sequence[str], verb: str) -> None:
+    """A run rebuilds its own generator: ``--generator`` or ``--set generator.*`` beside it is refused in one line
+    (``verb``: what the command does with another base model, "evaluate", "sample")."""
+    if generator:
+        raise DrpoError(f"{run_dir}: give a run directory or --generator, not both (the run names its generator)")
+    if generator_lines:
+        raise ConfigError(f"--set generator.*: a run's generator is rebuilt as it was trained; {verb} another "
+                          "base model with --generator NAME --set generator.KEY=VALUE")
+
+
 def _generator_label(name: str, model: Any) -> str:
     """``sd-turbo (stabilityai/sd-turbo)``: the generator and, when it says, the base model it loaded."""
     base = getattr(model, "base_model", "")
     return f"{name} ({base})" if base else name
 
 
-def check_run_weights(run_dir: Path, checkpoint: str = "latest") -> None:
+def check_run_weights(run_dir: Path, checkpoint: str = "latest",
+                      hint: str = "give a run directory, a manifest.jsonl or --generator") -> None:
     """``run_dir`` is a run with trained weights to load (``checkpoint`` of them): else one line saying what
-    it lacks. Cheap: nothing is loaded."""
+    it lacks (``hint``: what the command accepts instead). Cheap: nothing is loaded."""
     if not run_dir.is_dir():
-        raise DrpoError(f"{run_dir}: not a directory (give a run directory, a manifest.jsonl or --generator)")
+        raise DrpoError(f"{run_dir}: not a directory ({hint})")
     if not (run_dir / "config.yaml").is_file():
         raise DrpoError(f"{run_dir} holds no config.yaml: it is not a drpo run directory")
     steps = run_dir / CHECKPOINTS_DIR
@@ -163,17 +171,20 @@ def check_run_weights(run_dir: Path, checkpoint: str = "latest") -> None:
 
 
 def sample_images(generator: Any, records: Sequence[PromptRecord], seeds: Sequence[int], out_dir: Path,
-                  batch_size: int = 8, prompt_ids: Sequence[int] | None = None) -> Path:
+                  batch_size: int = 8, prompt_ids: Sequence[int] | None = None, force: bool = False) -> Path:
     """PNG files and a ``manifest.jsonl`` of ``{"prompt", "prompt_id", "seed", "file", "metadata"}`` rows.
 
     The noise of (prompt, seed) is :func:`drpo_core.noise.protocol_noise` of the prompt's position in its file,
     ``prompt_ids[i]`` (default: ``i``): the images ``drpo eval`` scores for the same prompt set and seeds.
+    A folder that holds a sample already is refused unless ``force``: then that sample (the images its manifest
+    lists, its ``scores.jsonl``) is removed first, so no stale image or score is left beside the new one.
     """
     ids = list(range(len(records))) if prompt_ids is None else list(prompt_ids)
     if len(ids) != len(records):
         raise ValueError(f"{len(ids)} prompt ids for {len(records)} prompts")
     generator.check_prompts(list(dict.fromkeys(record.text for record in records)))
-    check_out_dir(out_dir)
+    check_sample_out(out_dir, force)
+    remove_sample(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     jobs = [(i, record, seed) for i, record in zip(ids, records, strict=True) for seed in seeds]
     rows = []
@@ -250,6 +261,35 @@ def check_out_dir(out_dir: Path, flag: str = "--out") -> None:
         existing = existing.parent
     if existing.exists() and not existing.is_dir():
         raise DrpoError(f"{flag} {out_dir} is a file" if existing == out_dir else f"{flag} {out_dir}: {existing} is a file")
+
+
+def check_sample_out(out_dir: Path, force: bool = False) -> None:
+    """``drpo sample --out``: a folder (or one to create) that holds no sample yet, unless ``force``."""
+    check_out_dir(out_dir)
+    if not force and (out_dir / "manifest.jsonl").exists():
+        raise DrpoError(f"--out {out_dir} already holds a sample (manifest.jsonl): choose another --out, or add "
+                        "--force to replace it (its images and scores.jsonl)")
+
+
+#: the names :func:`sample_images` gives its images; only these are removed when a sample is replaced
+_SAMPLE_IMAGE = re.compile(r"p\d{5,}-s-?\d+\.png")
+
+
+def remove_sample(out_dir: Path) -> None:
+    """Remove the sample ``out_dir`` holds: the images its manifest lists (those named as ``drpo sample``
+    names them, directly in the folder), ``scores.jsonl`` and the manifest. Anything else stays."""
+    manifest = out_dir / "manifest.jsonl"
+    if not manifest.is_file():
+        return
+    for line in manifest.read_text(errors="replace").splitlines():
+        try:
+            name = json.loads(line).get("file")
+        except (ValueError, AttributeError):
+            continue
+        if isinstance(name, str) and _SAMPLE_IMAGE.fullmatch(name):
+            (out_dir / name).unlink(missing_ok=True)
+    (out_dir / "scores.jsonl").unlink(missing_ok=True)
+    manifest.unlink()
 
 
 #: settings ``--resume`` may change: a finished run continues for more steps

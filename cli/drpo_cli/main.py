@@ -178,25 +178,50 @@ def sample(prompts: Annotated[str, typer.Option("--prompts", help="pickscore-tes
                                                                   "(.txt, .jsonl, .tsv).")],
            out: Annotated[Path, typer.Option("--out", help="Folder for the images and manifest.jsonl.")],
            run: Annotated[Path | None, typer.Option("--run", help="A run directory (its latest weights).")] = None,
-           generator: GeneratorOpt = None, assignments: SetOpt = None, seeds: SeedsOpt = "42-46",
-           limit: LimitOpt = None, device: DeviceOpt = "auto", batch_size: BatchOpt = 8):
+           generator: Annotated[str | None, typer.Option(
+               "--generator", help="Sample a base generator NAME[:VARIANT], untrained (options: --set "
+                                   "generator.KEY=V); with neither --run nor --generator, the embedded default's.")
+           ] = None,
+           assignments: Annotated[list[str] | None, typer.Option(
+               "--set", help="generator.KEY=VALUE (with --generator), repeatable.")] = None,
+           seeds: SeedsOpt = "42-46", limit: LimitOpt = None, device: DeviceOpt = "auto", batch_size: BatchOpt = 8,
+           force: Annotated[bool, typer.Option(
+               "--force", help="Replace the sample --out holds (its images, manifest and scores).")] = False):
     """Generate images for prompts x seeds (the noise `drpo eval` draws), with a manifest `drpo eval` reads."""
     from drpo_core.config import read_yaml
     from drpo_core.preflight import resolve_device
     from drpo_core.report import check_batch_size, eval_seeds, select_prompts
-    from drpo_core.runs import base_generator, check_out_dir, check_run_weights, load_generator, sample_images
+    from drpo_core.runs import (
+        base_generator,
+        check_run_alone,
+        check_run_weights,
+        check_sample_out,
+        load_generator,
+        sample_images,
+    )
 
     device = resolve_device(device)  # the cheap checks first: nothing loads for a bad input
     check_batch_size(batch_size)
-    check_out_dir(out)
+    check_sample_out(out, force)
     selection = select_prompts(prompts, limit)
     seed_list = eval_seeds(seeds)
     if run is None:  # the base generator alone: the embedded default's unless --generator names one
-        model = base_generator(generator or read_yaml(DEFAULT_RECIPE)["generator"], assignments or [], device)
+        if generator is None:
+            generator = read_yaml(DEFAULT_RECIPE)["generator"]
+            typer.echo(f"no --run or --generator: sampling the embedded default's generator {generator!r}, "
+                       "untrained")
+        model = base_generator(generator, assignments or [], device)
     else:
-        check_run_weights(run)
+        from drpo_core.config import parse_assignment
+
+        others = [key for key, _ in map(parse_assignment, assignments or []) if not key.startswith("generator.")]
+        if others:
+            raise DrpoError(f"--set {others[0]}: does not apply to `drpo sample` (only generator.KEY=VALUE, with "
+                            "--generator)")
+        check_run_alone(run, generator, assignments or [], "sample")
+        check_run_weights(run, hint="give a run directory, or --generator NAME for a base generator")
         _, model = load_generator(run, device=device)
-    manifest = sample_images(model, selection.records, seed_list, out, batch_size, selection.ids)
+    manifest = sample_images(model, selection.records, seed_list, out, batch_size, selection.ids, force=force)
     typer.echo(f"wrote {manifest}: {len(selection.records) * len(seed_list)} images ({len(selection.records)} "
                f"prompts x {len(seed_list)} seeds) on {device}")
 
