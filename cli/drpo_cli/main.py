@@ -15,7 +15,20 @@ from typer.core import TyperGroup
 
 from drpo_core.errors import DrpoError, RunAborted
 
-console = Console()
+#: the width of a line written to a file or a pipe: wide enough that no table cell or message is cut
+LOG_WIDTH = 10_000
+
+
+def uncut_console(stderr: bool = False) -> Console:
+    """A console that never cuts or wraps a line when not writing to a terminal (a log file, a pipe, where rich
+    would assume 80 columns and cut table cells with "…"); on a terminal, or with COLUMNS set, its width."""
+    made = Console(stderr=stderr)
+    if not made.is_terminal and not os.environ.get("COLUMNS"):
+        made.width = LOG_WIDTH
+    return made
+
+
+console = uncut_console()
 DEFAULT_RECIPE = Path(__file__).with_name("default.yaml")
 
 
@@ -62,7 +75,8 @@ def _root(ctx: typer.Context,
 ConfigOpt = Annotated[Path | None, typer.Option("--config", "-c", help="YAML recipe (default: the toy world).")]
 GeneratorOpt = Annotated[str | None, typer.Option(
     "--generator", help="Generator NAME[:VARIANT] (e.g. sd-turbo:paper, the paper's official switches).")]
-RankerOpt = Annotated[str | None, typer.Option("--ranker", help="Ranker NAME[:VARIANT].")]
+RankerOpt = Annotated[list[str] | None, typer.Option(
+    "--ranker", help="Ranker NAME[:VARIANT], repeatable: several are combined, in order (rankers.0, rankers.1, ...).")]
 FeaturesOpt = Annotated[str | None, typer.Option("--features", help="Feature space name.")]
 KernelOpt = Annotated[str | None, typer.Option("--kernel", help="Kernel name.")]
 SetOpt = Annotated[list[str] | None, typer.Option("--set", help="dotted.key=value, repeatable; wins over all.")]
@@ -159,12 +173,26 @@ def config_validate(file: Annotated[Path | None, typer.Argument(help="YAML recip
     recipe = file if file is not None else config
     resolved = _resolve(recipe, generator, ranker, features, kernel, assignments, output_dir)
     check_run(resolved, new_run=False)
-    typer.echo(f"{recipe if recipe is not None else 'the embedded default recipe'}: valid")
+    flags = {"generator": generator, "rankers": ranker, "features": features, "kernel": kernel,
+             "output_dir": output_dir}
+    typer.echo(f"{_validated(recipe, flags, assignments or [])}: valid")
     run_dir = Path(resolved.config.output_dir)
     held = run_in(run_dir) if run_dir.is_dir() else None
     if held:  # the recipe is fine; the folder is taken (a saved run's own config.yaml validates too)
         typer.echo(f"note: {run_dir} already holds a run ({held}): `drpo train` would not start a new run there; "
                    f"continue it with --resume latest --output-dir {run_dir}, or give another --output-dir")
+
+
+def _validated(recipe: Path | None, flags: dict[str, Any], assignments: list[str]) -> str:
+    """What `config validate` checked: the recipe, the embedded default or the run the flags name, with flags."""
+    from drpo_core.config import names_a_component
+
+    with_flags = " with the flags" if assignments or any(flags.values()) else ""
+    if recipe is not None:
+        return f"{recipe}{with_flags}"
+    if names_a_component(flags, assignments):
+        return "the run given by the flags"
+    return f"the embedded default recipe{with_flags}"
 
 
 DeviceOpt = Annotated[str, typer.Option(help="auto (cuda if torch sees a GPU, else mps, else cpu), cpu, cuda, cuda:N, mps.")]
@@ -257,7 +285,7 @@ def evaluate(target: Annotated[Path | None, typer.Argument(
 
     device = resolve_device(device)  # the cheap checks first: nothing loads for a bad input
     with Progress("{task.description}", BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-                  console=Console(stderr=True), transient=True) as bar:
+                  console=uncut_console(stderr=True), transient=True) as bar:
 
         def progress(total: int):
             task = bar.add_task("(prompt, seed) pairs", total=total)
