@@ -284,8 +284,9 @@ def evaluate(target: Annotated[Path | None, typer.Argument(
     from drpo_core.runs import evaluate_target
 
     device = resolve_device(device)  # the cheap checks first: nothing loads for a bad input
+    errors = uncut_console(stderr=True)  # a bar only on a terminal: to a log it is a stray blank line
     with Progress("{task.description}", BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-                  console=uncut_console(stderr=True), transient=True) as bar:
+                  console=errors, transient=True, disable=not errors.is_terminal) as bar:
 
         def progress(total: int):
             task = bar.add_task("(prompt, seed) pairs", total=total)
