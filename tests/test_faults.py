@@ -480,3 +480,16 @@ def test_a_run_killed_before_its_first_step_is_named_as_such_not_as_one_to_resum
         f"{run} holds the files of a run that wrote no checkpoint (config.yaml, run.json, metrics.jsonl): there is "
         "nothing to resume; if that run is not running any more, delete them, or choose another --output-dir")
     assert sorted(p.name for p in run.iterdir()) == ["config.yaml", "metrics.jsonl", "run.json"]
+
+
+def test_a_run_whose_ranker_fails_every_step_before_a_checkpoint_leaves_no_files(tmp_path):
+    out = io.StringIO()
+    config = tiny_config(tmp_path, rankers=[{"name": "tiny-broken", "mode": "raise"}], prompts={"eval_count": 0},
+                         checkpoint={"every": 100})
+    with pytest.raises(ComponentError) as stopped:
+        _trainer(config, console=Console(file=out, width=300)).train()
+    assert str(stopped.value).startswith("12 prompts failed in the last 6 steps (limit train.max_failures=10)")
+    assert "no checkpoint was written yet" in str(stopped.value)
+    assert not (tmp_path / "run").exists()
+    assert out.getvalue().splitlines()[-1] == (f"removed the files this run wrote in {tmp_path / 'run'} (it failed "
+                                                "before its first checkpoint)")
