@@ -302,16 +302,21 @@ def run_in(run_dir: Path) -> str | None:
     return ", ".join(found) or None
 
 
+def finished_a_step(run_dir: Path) -> bool:
+    """Whether the run in ``run_dir`` logged a step (a line in ``metrics.jsonl``)."""
+    metrics = run_dir / "metrics.jsonl"
+    return metrics.is_file() and metrics.stat().st_size > 0
+
+
 def check_new_run_dir(run_dir: Path) -> None:
-    """A fresh run must not write into another run's folder: refuse before writing anything."""
+    """A fresh run must not write into another run's folder: refuse before writing anything. (A run that
+    fails before it finishes a step removes its files: ``Trainer.train``.)"""
     if run_dir.exists() and not run_dir.is_dir():
         raise DrpoError(f"output directory {run_dir} is a file")
     held = run_in(run_dir) if run_dir.is_dir() else None
-    metrics = run_dir / "metrics.jsonl"
-    no_step = not (metrics.is_file() and metrics.stat().st_size)
-    if held and "checkpoints" not in held and no_step:  # a run killed before it finished a step
-        raise DrpoError(f"{run_dir} holds the files of a run that wrote no checkpoint ({held}): there is nothing "
-                        f"to resume; if that run is not running any more, delete them, or choose another --output-dir")
+    if held and "checkpoints" not in held:  # stopped before its first checkpoint: nothing to resume
+        raise DrpoError(f"{run_dir} already holds a run that wrote no checkpoint ({held}): there is nothing to "
+                        "resume; if it is not running any more, delete those files, or choose another --output-dir")
     if held:
         raise DrpoError(f"{run_dir} already holds a run ({held}): continue it with `drpo train --resume latest "
                         f"--output-dir {run_dir}` (add --set train.steps=N to run longer), or choose another --output-dir")

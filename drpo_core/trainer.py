@@ -51,7 +51,7 @@ from drpo_core.preflight import check_run
 from drpo_core.prompts import PromptRecord, PromptStream
 from drpo_core.ranking import rank_candidates
 from drpo_core.registry import Registry, get_registry
-from drpo_core.runs import check_new_run_dir, finish_run_info, write_run_info
+from drpo_core.runs import check_new_run_dir, finish_run_info, finished_a_step, write_run_info
 from drpo_core.sources import (
     DataSampler,
     DataSource,
@@ -392,7 +392,7 @@ class Trainer:
     # -- the run -----------------------------------------------------------------------------
 
     def train(self, resume: str | None = None) -> dict[str, Any]:
-        """Run (or with ``resume``, continue) the training. A new run that fails before its first checkpoint
+        """Run (or with ``resume``, continue) the training. A new run that fails before it finishes a step
         removes the files it wrote, so the same ``--output-dir`` takes the next try; what was there stays."""
         if resume:
             return self._train(resume)
@@ -405,11 +405,11 @@ class Trainer:
             raise
 
     def _remove_unfinished_start(self, before: set[Path] | None) -> None:
-        """Remove what a new run wrote (``before``: what its folder held, None: no folder), unless it wrote
-        a checkpoint: then the run can be resumed and its files stay."""
+        """Remove what a new run wrote (``before``: what its folder held, None: no folder), unless it finished a
+        step: then its metrics.jsonl says what happened (why prompts failed) and a checkpoint may resume it."""
         if not self.accelerator.is_main_process or not self.run_dir.is_dir():
             return
-        if (self.run_dir / ckpt.CHECKPOINTS_DIR).exists():
+        if (self.run_dir / ckpt.CHECKPOINTS_DIR).exists() or finished_a_step(self.run_dir):
             return
         written = sorted(set(self.run_dir.iterdir()) - (before or set()))
         for path in written:
@@ -420,8 +420,8 @@ class Trainer:
         if before is None and not any(self.run_dir.iterdir()):
             self.run_dir.rmdir()
         if written:
-            self.console.print(f"removed the files this run wrote in {self.run_dir} (it failed before its first "
-                               "checkpoint)", highlight=False)
+            self.console.print(f"removed the files this run wrote in {self.run_dir} (it failed before finishing a "
+                               "step)", highlight=False)
 
     def _train(self, resume: str | None) -> dict[str, Any]:
         cfg = self.cfg

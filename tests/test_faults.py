@@ -443,12 +443,11 @@ def _ended(pids: list[int], within: float) -> bool:
     return True
 
 
-# -- a run that fails before its first checkpoint leaves the folder as it found it ----------------------
+# -- a run that fails before it finishes a step leaves the folder as it found it ---------------------------
 
 
 @pytest.mark.parametrize("kept", [False, True])
-def test_a_run_failing_before_its_first_checkpoint_removes_its_files_and_the_next_try_starts(tmp_path, flaky,
-                                                                                             kept):
+def test_a_run_failing_before_its_first_step_removes_its_files_and_the_next_try_starts(tmp_path, flaky, kept):
     flaky.FAIL = {EVAL_CALLS["before"]}
     run = tmp_path / "run"
     if kept:  # a folder the user had: what was in it stays
@@ -458,7 +457,8 @@ def test_a_run_failing_before_its_first_checkpoint_removes_its_files_and_the_nex
     config = tiny_config(tmp_path, rankers=["flaky"], train={"steps": 2})
     with pytest.raises(DrpoError, match="^the evaluation before training failed"):
         _trainer(config, _FlakyPlugin(), console=Console(file=out, width=300)).train()
-    assert f"removed the files this run wrote in {run} (it failed before its first checkpoint)" in out.getvalue()
+    assert out.getvalue().splitlines()[-1] == (f"removed the files this run wrote in {run} (it failed before "
+                                                "finishing a step)")
     if kept:
         assert sorted(p.name for p in run.iterdir()) == ["notes.txt"] and (run / "notes.txt").read_text() == "mine\n"
     else:
@@ -468,28 +468,18 @@ def test_a_run_failing_before_its_first_checkpoint_removes_its_files_and_the_nex
     assert [json.loads(line)["step"] for line in (run / "eval.jsonl").read_text().splitlines()] == [0, 2]
 
 
-def test_a_run_killed_before_its_first_step_is_named_as_such_not_as_one_to_resume(tmp_path):
-    run = tmp_path / "run"
-    run.mkdir()
-    for name, text in (("config.yaml", "seed: 0\n"), ("run.json", "{}\n"), ("metrics.jsonl", "")):
-        (run / name).write_text(text)
-    config = tiny_config(tmp_path)
-    with pytest.raises(DrpoError) as refused:
-        _trainer(config).train()
-    assert str(refused.value) == (
-        f"{run} holds the files of a run that wrote no checkpoint (config.yaml, run.json, metrics.jsonl): there is "
-        "nothing to resume; if that run is not running any more, delete them, or choose another --output-dir")
-    assert sorted(p.name for p in run.iterdir()) == ["config.yaml", "metrics.jsonl", "run.json"]
-
-
-def test_a_run_whose_ranker_fails_every_step_before_a_checkpoint_leaves_no_files(tmp_path):
-    out = io.StringIO()
+def test_a_run_stopped_after_steps_but_before_a_checkpoint_keeps_its_log_and_is_not_offered_for_resume(tmp_path):
     config = tiny_config(tmp_path, rankers=[{"name": "tiny-broken", "mode": "raise"}], prompts={"eval_count": 0},
                          checkpoint={"every": 100})
     with pytest.raises(ComponentError) as stopped:
-        _trainer(config, console=Console(file=out, width=300)).train()
+        _trainer(config).train()
     assert str(stopped.value).startswith("12 prompts failed in the last 6 steps (limit train.max_failures=10)")
     assert "no checkpoint was written yet" in str(stopped.value)
-    assert not (tmp_path / "run").exists()
-    assert out.getvalue().splitlines()[-1] == (f"removed the files this run wrote in {tmp_path / 'run'} (it failed "
-                                                "before its first checkpoint)")
+    run = tmp_path / "run"
+    assert [m["skip_failure"] for m in read_metrics(run / "metrics.jsonl")] == [2] * 5  # why it stopped, kept (the 6th step crossed the limit)
+    with pytest.raises(DrpoError) as refused:
+        _trainer(config).train()
+    assert str(refused.value) == (
+        f"{run} already holds a run that wrote no checkpoint (config.yaml, run.json, metrics.jsonl): there is "
+        "nothing to resume; if it is not running any more, delete those files, or choose another --output-dir")
+    assert len(read_metrics(run / "metrics.jsonl")) == 5
