@@ -102,3 +102,16 @@ def test_eval_errors_in_a_log_are_the_one_line_alone(tmp_path):
     result = _piped("eval", "--generator", "shapes", "--prompts", "p.txt", "--ranker", "nope", cwd=tmp_path)
     assert (result.returncode, result.stdout) == (2, "")
     assert result.stderr == "Error: unknown ranker 'nope': run `drpo list-plugins` to see the installed ones\n"
+
+
+def test_validate_notes_a_run_without_a_checkpoint_without_offering_resume(runner, isolated_registry):
+    Path("run").mkdir()
+    for name in ("config.yaml", "run.json", "metrics.jsonl"):
+        Path("run", name).write_text("{}\n")
+    result = runner.invoke(app, ["config", "validate", *FLAGS, "--ranker", "tiny-brightness", "--output-dir", "run"])
+    assert result.exit_code == 0, result.output
+    assert result.stdout.splitlines() == [
+        "the run given by the flags: valid",
+        "note: run already holds a run that wrote no checkpoint (config.yaml, run.json, metrics.jsonl): `drpo train` "
+        "would not start a new run there; if it is not running any more, delete those files, or give another "
+        "--output-dir"]

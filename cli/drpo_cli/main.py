@@ -178,7 +178,11 @@ def config_validate(file: Annotated[Path | None, typer.Argument(help="YAML recip
     typer.echo(f"{_validated(recipe, flags, assignments or [])}: valid")
     run_dir = Path(resolved.config.output_dir)
     held = run_in(run_dir) if run_dir.is_dir() else None
-    if held:  # the recipe is fine; the folder is taken (a saved run's own config.yaml validates too)
+    if held and "checkpoints" not in held:  # nothing to resume there either
+        typer.echo(f"note: {run_dir} already holds a run that wrote no checkpoint ({held}): `drpo train` would not "
+                   "start a new run there; if it is not running any more, delete those files, or give another "
+                   "--output-dir")
+    elif held:  # the recipe is fine; the folder is taken (a saved run's own config.yaml validates too)
         typer.echo(f"note: {run_dir} already holds a run ({held}): `drpo train` would not start a new run there; "
                    f"continue it with --resume latest --output-dir {run_dir}, or give another --output-dir")
 
