@@ -266,7 +266,7 @@ class Evaluator:
         points = self.history  # this evaluator's; the run's log also holds those before a resume
         if path.is_file():
             points = [(r["step"], r[key]) for _, r in read_jsonl(path, what="evaluation log", skip_torn=True)
-                      if key in r]
+                      if r.get(key) is not None]
         _plot(points, self.run_dir / "reward-curve.png", f"held-out {name}")
 
     def _table(self, record: dict[str, Any]) -> None:
@@ -277,7 +277,9 @@ class Evaluator:
                 change = f"{value - base:+.4f}" if math.isfinite(value - base) else "n/a"
                 table.add_row(name, _mean_text(base, record.get(f"base_nonfinite/{name}")),
                               _mean_text(value, record.get(f"nonfinite/{name}")), change)
-        table.add_row("diversity (ratio to base)", "1.0000", f"{record['diversity_ratio']:.4f}", "")
+        ratio = record["diversity_ratio"]  # undefined with one seed per prompt
+        table.add_row("diversity (ratio to base)", "1.0000" if math.isfinite(ratio) else "n/a",
+                      f"{ratio:.4f}" if math.isfinite(ratio) else "n/a (one seed)", "")
         table.add_row("pixel RMS to base", "0", f"{record['pixel_rms_to_base']:.4f}", "")
         table.add_row("feature distance to base", "0", f"{record['feature_distance_to_base']:.4f}", "")
         self.console.print(table)

@@ -88,3 +88,33 @@ def from_hub_or_cache(load: Callable[..., Loaded], model: str, is_local: bool, k
         return load(model, **kwargs)
     except (OSError, ValueError) as error:
         raise PluginError(f"{prefix}could not load model {model!r} from the hub: {first_line(error)}") from error
+
+
+def check_models_offline(components: Mapping[str, tuple[Any, str]], config_dir: Path) -> None:
+    """Offline (``HF_HUB_OFFLINE``), the hub models of components ``{where: (validated options, "name:variant")}``
+    must be in the local cache: one line naming every missing one and how to fetch it, before any loads.
+
+    The models are the options annotated ``LocalPath`` that name hub ids, or what an options class's
+    ``hub_models(variant)`` returns when it defines one (a default that depends on another option, a model
+    only some variants load). ``config_dir``: where relative paths are taken from."""
+    from drpo_core.config import resolve_path
+    from drpo_core.registry import split_reference
+
+    sources: dict[str, str] = {}
+    for where, (options, reference) in components.items():
+        for key, model in _hub_models(options, split_reference(reference)[1]).items():
+            if not resolve_path(model, config_dir).exists():  # local files and folders load as they are
+                sources[f"{where}.{key}"] = model
+    missing = missing_models(sources, config_dir)
+    if missing:
+        raise PluginError(offline_message(missing))
+
+
+def _hub_models(options: Any, variant: str | None) -> dict[str, str]:
+    from drpo_core.config import is_local_path
+
+    if hasattr(options, "hub_models"):
+        return dict(options.hub_models(variant))
+    fields = getattr(type(options), "model_fields", {})
+    return {key: value for key, info in fields.items() if is_local_path(info)
+            and isinstance(value := getattr(options, key), str)}

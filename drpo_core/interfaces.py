@@ -156,6 +156,9 @@ class Units:
     scale: float = 1.0
     #: what the table header says; default ``x100`` for a scale of 100, ``raw`` for 1
     label: str = ""
+    #: the headline figure is also the mean of the groups' means, each group counting the same (GenEval's
+    #: Overall is the mean of its six task accuracies, not of its 553 prompts)
+    mean_of_groups: bool = False
 
     def __str__(self) -> str:
         return self.label or ("raw" if self.scale == 1 else f"x{self.scale:g}")

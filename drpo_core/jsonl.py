@@ -8,6 +8,7 @@ line, blank ones included, so they match an editor's.
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -15,6 +16,22 @@ from typing import Any
 from drpo_core.errors import DrpoError
 
 _BOM = b"\xef\xbb\xbf"  # files saved by spreadsheet tools often start with one
+
+
+def strict_line(record: Any) -> str:
+    """``record`` as one line of strict JSON: a non-finite float (a diversity over one seed, the mean of no
+    finite score) becomes ``null``, which every JSON reader takes (``NaN`` is not JSON)."""
+    return json.dumps(_finite_or_none(record), allow_nan=False) + "\n"
+
+
+def _finite_or_none(value: Any) -> Any:
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {key: _finite_or_none(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite_or_none(item) for item in value]
+    return value
 
 
 def read_jsonl(path: str | Path, *, required: Sequence[str] = (), what: str = "JSONL file",

@@ -15,9 +15,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from drpo_core.config import DEVICE_NAMES, DEVICE_PATTERN, ResolvedConfig, is_local_path, resolve_path
-from drpo_core.errors import ConfigError, DrpoError, PluginError
-from drpo_core.hub import missing_models, offline_message
+from drpo_core.config import DEVICE_NAMES, DEVICE_PATTERN, ResolvedConfig, resolve_path
+from drpo_core.errors import ConfigError, DrpoError
+from drpo_core.hub import check_models_offline
 from drpo_core.prompts import (
     EVAL_SPLIT_COUNT,
     EVAL_SUBSET_COUNT,
@@ -26,7 +26,6 @@ from drpo_core.prompts import (
     split_prompts,
     subset_prompts,
 )
-from drpo_core.registry import split_reference
 
 
 @dataclass
@@ -50,21 +49,10 @@ def check_run(resolved: ResolvedConfig, *, new_run: bool) -> RunPrompts:
 
 
 def check_models_cached(resolved: ResolvedConfig) -> None:
-    """Offline (``HF_HUB_OFFLINE``), every hub model the run's components name must be in the local cache: one
-    line naming all the missing ones and how to fetch them, rather than one per attempt as each loads in turn.
-
-    The models are the components' ``LocalPath`` options that name hub ids, or what an options class's
-    ``hub_models(variant)`` returns when it defines one (a default that depends on another option, a model
-    only some variants load)."""
-    sources: dict[str, str] = {}
-    for where, options in resolved.options.items():
-        variant = split_reference(_section(resolved.config, where).name)[1]
-        for key, model in _hub_models(options, variant).items():
-            if not resolve_path(model, resolved.config_dir).exists():  # local files and folders load as they are
-                sources[f"{where}.{key}"] = model
-    missing = missing_models(sources, resolved.config_dir)
-    if missing:
-        raise PluginError(offline_message(missing))
+    """Offline, every hub model the run's components name must be cached: one line naming all the missing ones
+    (:func:`drpo_core.hub.check_models_offline`), rather than one per attempt as each loads in turn."""
+    check_models_offline({where: (options, _section(resolved.config, where).name)
+                          for where, options in resolved.options.items()}, resolved.config_dir)
 
 
 def _section(config: Any, where: str) -> Any:
@@ -72,14 +60,6 @@ def _section(config: Any, where: str) -> Any:
     for part in where.split("."):
         config = config[int(part)] if part.isdigit() else getattr(config, part)
     return config
-
-
-def _hub_models(options: Any, variant: str | None) -> dict[str, str]:
-    if hasattr(options, "hub_models"):
-        return dict(options.hub_models(variant))
-    fields = getattr(type(options), "model_fields", {})
-    return {key: value for key, info in fields.items() if is_local_path(info)
-            and isinstance(value := getattr(options, key), str)}
 
 
 def check_device(device: str, where: str = "device") -> None:

@@ -20,7 +20,8 @@ interval is Student's t over the P prompts::
 interval too narrow by up to sqrt(5).
 
 **Groups**: a ranker that puts prompts in groups (``Ranker.groups(record)``, GenEval's tags) gets the same
-summary, difference and interval per group, over that group's prompts.
+summary, difference and interval per group, over that group's prompts. Units with ``mean_of_groups`` add the
+mean of the group means, each group weighing the same (GenEval's Overall), beside the mean over images.
 
 **Streaming**: images are generated ``batch_size`` (prompt, seed) pairs at a time, both sides on the same
 noise, scored by every ranker and dropped; only one float per image and ranker is kept.
@@ -40,7 +41,7 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from drpo_core.config import parse_assignment, parse_seeds, set_dotted
+from drpo_core.config import parse_assignment, parse_seeds, resolve_path, set_dotted
 from drpo_core.context import BuildContext
 from drpo_core.errors import ComponentError, ConfigError, DrpoError, reason
 from drpo_core.interfaces import Generator, Ranker, Units
@@ -101,7 +102,7 @@ def prompt_set_path(spec: str) -> tuple[str, Path]:
             raise DrpoError(f"--prompts {spec}: the set ships in drpo's source tree ({PROMPT_SETS[spec]} under "
                             f"data/), not found at {path}: give the file itself")
         return spec, path
-    path = Path(spec).expanduser()
+    path = resolve_path(spec, Path.cwd()) if spec.startswith("pkg://") else Path(spec).expanduser()
     if not path.exists():
         raise DrpoError(f"--prompts {spec}: neither a prompt set ({', '.join(PROMPT_SETS)}) nor a file")
     return str(path), path
@@ -363,6 +364,8 @@ def build_report(*, prompts: Mapping[str, Any], seeds: Sequence[int], sides: Map
         if groups:
             entry["groups"] = {name: _compare({side: v[rows] for side, v in scaled.items()}, confidence)
                                for name, rows in groups.items()}
+            if r.units.mean_of_groups:
+                entry["mean_of_groups"] = _mean_of_groups(entry["groups"], list(scaled))
         report["rankers"][r.name] = entry
     if seconds is not None:
         report["seconds"] = seconds
@@ -373,6 +376,14 @@ def _compare(values: Mapping[str, np.ndarray], confidence: float) -> dict[str, A
     entry: dict[str, Any] = {side: summarise(v).as_dict() for side, v in values.items()}
     if "base" in values and "finetuned" in values:
         entry.update(paired_difference(values["base"], values["finetuned"], confidence).as_dict())
+    return entry
+
+
+def _mean_of_groups(groups: Mapping[str, Mapping[str, Any]], sides: Sequence[str]) -> dict[str, Any]:
+    """Each side's mean of its group means (every group weighs the same), and their difference."""
+    entry: dict[str, Any] = {side: float(np.mean([g[side]["mean"] for g in groups.values()])) for side in sides}
+    if "base" in entry and "finetuned" in entry:
+        entry["diff"] = entry["finetuned"] - entry["base"]
     return entry
 
 
@@ -415,11 +426,23 @@ def print_report(report: Mapping[str, Any], console: Console) -> None:
     table = Table(*columns)
     for name, entry in report["rankers"].items():
         table.add_row(name, entry["units"], *_cells(entry, sides, paired))
+        if "mean_of_groups" in entry:
+            overall = entry["mean_of_groups"]
+            cells = [f"{overall[side]:.4g}" for side in sides] + ([f"{overall['diff']:+.3g}", ""] if paired else [])
+            table.add_row("  mean of groups", "", *cells)
         for group, values in entry.get("groups", {}).items():
             table.add_row(f"  {group}", "", *_cells(values, sides, paired))
-    console.print(table, width=None if console.is_terminal else 160)  # a log file gets whole rows
+    if not console.is_terminal:  # a log file or a pipe gets whole rows, whatever width a terminal would have
+        console = Console(file=console.file, width=max(console.width, _natural_width(console, table)))
+    console.print(table)
     if "seconds" in report:
         console.print(f"{report['seconds']:.1f} s", highlight=False)
+
+
+def _natural_width(console: Console, table: Table) -> int:
+    from rich.measure import Measurement
+
+    return Measurement.get(console, console.options.update(width=10_000), table).maximum
 
 
 def _cells(entry: Mapping[str, Any], sides: Sequence[str], paired: bool) -> list[str]:

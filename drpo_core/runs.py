@@ -27,6 +27,7 @@ from drpo_core.checkpoint import (
 from drpo_core.config import ResolvedConfig, parse_assignment, read_yaml, resolve_config, set_dotted
 from drpo_core.context import BuildContext
 from drpo_core.errors import ConfigError, DrpoError
+from drpo_core.hub import check_models_offline
 from drpo_core.jsonl import read_jsonl
 from drpo_core.noise import protocol_noise
 from drpo_core.prompts import PromptRecord
@@ -57,10 +58,7 @@ def load_generator(run_dir: str | Path, checkpoint: str = "latest", device: str 
     A run that kept an EMA (``train.ema_decay``) gives the EMA weights, the ones its evaluation used.
     """
     path = resolve_checkpoint(Path(run_dir), checkpoint)
-    saved = read_yaml(path / "config.yaml")
-    if isinstance(saved.get("log"), dict):  # loading weights logs nothing: no tracker package needed here
-        saved["log"]["trackers"] = []
-    config = resolve_config(base=saved, base_origin=str(path / "config.yaml"))
+    config = checkpoint_config(path)
     cfg = config.config
     context = BuildContext(device=device, mixed_precision=cfg.train.mixed_precision, seed=cfg.seed,
                            config_dir=config.config_dir)
@@ -73,18 +71,31 @@ def load_generator(run_dir: str | Path, checkpoint: str = "latest", device: str 
     return config, generator
 
 
+def checkpoint_config(path: Path) -> ResolvedConfig:
+    """The resolved config a checkpoint directory was saved with."""
+    saved = read_yaml(path / "config.yaml")
+    if isinstance(saved.get("log"), dict):  # loading weights logs nothing: no tracker package needed here
+        saved["log"]["trackers"] = []
+    return resolve_config(base=saved, base_origin=str(path / "config.yaml"))
+
+
 def base_generator(reference: str, assignments: list[str], device: str = "cpu") -> Any:
     """A generator built from its name and ``--set generator.KEY=VALUE`` options, untrained; on CUDA in fp16
     (the paper's sampling precision) unless ``--set generator.dtype=...`` says otherwise."""
+    precision = "fp16" if device.startswith("cuda") else "no"
+    return get_registry().build("generator", reference, generator_options(reference, assignments),
+                                BuildContext(device=device, mixed_precision=precision), "generator")
+
+
+def generator_options(reference: str, assignments: Sequence[str]) -> Any:
+    """A base generator's options from ``--set generator.KEY=VALUE`` lines, validated by its plugin."""
     options: dict[str, Any] = {}
     for line in assignments:
         key, value = parse_assignment(line)
         if not key.startswith("generator."):
             raise ConfigError(f"--set {key}: without a run, only generator.* options apply")
         set_dotted(options, key.removeprefix("generator."), value)
-    precision = "fp16" if device.startswith("cuda") else "no"
-    return get_registry().build("generator", reference, options,
-                                BuildContext(device=device, mixed_precision=precision), "generator")
+    return get_registry().validate_options("generator", reference, options, "generator")
 
 
 def evaluate_target(target: Path | None, *, generator: str | None, rankers: Sequence[str],
@@ -115,6 +126,20 @@ def evaluate_target(target: Path | None, *, generator: str | None, rankers: Sequ
         read_manifest(target)
         return evaluate_manifest(target, build_rankers(names, ranker_options, context), device=device)
     selection, seed_list = select_prompts(prompts or DEFAULT_PROMPTS, limit), eval_seeds(seeds or PAPER_SEEDS)
+    # offline: every missing model (generator and rankers) named in one line, before any loads
+    if target is not None:
+        check_run_alone(target, generator, generator_lines, "evaluate")
+    if target is None and generator is None:
+        raise DrpoError("drpo eval: give a run directory, a manifest.jsonl or --generator NAME")
+    components: dict[str, tuple[Any, str]] = {}
+    if target is not None:
+        check_run_weights(target, checkpoint)
+        run_config = checkpoint_config(resolve_checkpoint(target, checkpoint))
+        components["generator"] = (run_config.options["generator"], run_config.config.generator.name)
+    elif generator is not None:
+        components["generator"] = (generator_options(generator, generator_lines), generator)
+    components.update({f"rankers.{name}": (opts, name) for name, opts in zip(names, ranker_options, strict=True)})
+    check_models_offline(components, Path.cwd())
     model, sides = eval_sides(target, generator, generator_lines, checkpoint, device)
     model.check_prompts(list(dict.fromkeys(r.text for r in selection.records)))
     built = build_rankers(names, ranker_options, context)
@@ -126,16 +151,13 @@ def eval_sides(run_dir: Path | None, generator: str | None, generator_lines: lis
                device: str) -> tuple[Any, dict[str, tuple[str, Render]]]:
     """What ``drpo eval`` compares: a run's base and fine-tuned generator (one model: its frozen ``reference``
     and its trained ``sample``, on the same noise), or a base generator alone. Returns the model and
-    ``{side: (label, render)}``."""
+    ``{side: (label, render)}``. :func:`evaluate_target` has checked the inputs."""
     if run_dir is not None:
-        check_run_alone(run_dir, generator, generator_lines, "evaluate")
-        check_run_weights(run_dir, checkpoint)
         resolved, model = load_generator(run_dir, checkpoint, device)
         step = resolve_checkpoint(run_dir, checkpoint).name
         return model, {"base": (_generator_label(resolved.config.generator.name, model), render(model, base=True)),
                        "finetuned": (f"{run_dir} ({step})", render(model, base=False))}
-    if generator is None:
-        raise DrpoError("drpo eval: give a run directory, a manifest.jsonl or --generator NAME")
+    assert generator is not None
     model = base_generator(generator, generator_lines, device)
     return model, {"base": (_generator_label(generator, model), render(model, base=True))}
 
@@ -232,8 +254,9 @@ def evaluate_manifest(manifest: Path, rankers: Sequence[Any], batch_size: int = 
     scores = score_manifest(manifest, [(r.name, r.ranker) for r in rankers], batch_size)
     records = [PromptRecord(row["prompt"], row.get("metadata")) for row in rows]
     seeds = sorted({row["seed"] for row in rows if isinstance(row.get("seed"), int)})
-    prompts = {"set": str(manifest), "path": str(manifest), "count": len(dict.fromkeys(r.text for r in records)),
-               "total": len(rows), "limit": None, "subset_seed": None}
+    distinct = len(dict.fromkeys(r.text for r in records))  # prompts, as for a prompt set (images: rows)
+    prompts = {"set": str(manifest), "path": str(manifest), "count": distinct, "total": distinct, "limit": None,
+               "subset_seed": None}
     return build_report(prompts=prompts, seeds=seeds, sides={"images": str(manifest.parent)}, device=device,
                         records=records, rankers=rankers,
                         scores={"images": {name: values[:, None] for name, values in scores.items()}},

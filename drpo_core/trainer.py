@@ -20,7 +20,6 @@ Library use::
 
 from __future__ import annotations
 
-import json
 import math
 import shutil
 from collections import Counter, deque
@@ -45,6 +44,7 @@ from drpo_core.errors import ComponentError, ConfigError, DrpoError, first_line,
 from drpo_core.evaluation import EvaluationError, Evaluator
 from drpo_core.interfaces import FeatureContext
 from drpo_core.interrupts import StopSignals
+from drpo_core.jsonl import strict_line
 from drpo_core.metrics import MetricsLog, StepTimer, read_metrics
 from drpo_core.noise import make_noise
 from drpo_core.preflight import check_run
@@ -647,7 +647,7 @@ class Trainer:
 
     def _log_eval(self, record: dict[str, Any]) -> None:
         with (self.run_dir / "eval.jsonl").open("a") as handle:
-            handle.write(json.dumps(record) + "\n")
+            handle.write(strict_line(record))
         self.trackers.log(record, "eval")
 
     # -- checkpoints -------------------------------------------------------------------------

@@ -95,6 +95,15 @@ def test_the_report_is_in_the_rankers_units_with_population_std_and_groups():
     assert (red["diff"], red["ci_low"], red["ci_high"]) == pytest.approx((100.0, 100.0, 100.0))
     assert blue["diff"] == pytest.approx(200.0) and blue["ci_low"] is None
     assert report["ci_method"].startswith("paired by (prompt, seed); Student t over prompts")
+    assert "mean_of_groups" not in entry
+    # GenEval's Overall: every group weighs the same. red: base (1+3+2+2)/4 = 2, finetuned (2+4+2+4)/4 = 3;
+    # blue: base (4+0)/2 = 2, finetuned (5+3)/2 = 4. Mean of groups: base 2, finetuned 3.5 (images: 20/6)
+    tasks = EvalRanker("tiny-grouped", GroupedBrightness(), Units(100, mean_of_groups=True))
+    overall = build_report(prompts={"set": "x"}, seeds=[42, 43], sides={"base": "b", "finetuned": "f"}, device="cpu",
+                           records=records, rankers=[tasks], scores={"base": {"tiny-grouped": BASE},
+                                                                     "finetuned": {"tiny-grouped": FINETUNED}})
+    assert overall["rankers"]["tiny-grouped"]["mean_of_groups"] == pytest.approx(
+        {"base": 200.0, "finetuned": 350.0, "diff": 150.0})
 
 
 # -- prompts, seeds and the device ---------------------------------------------------------------------
@@ -108,6 +117,8 @@ def test_shipped_prompt_sets_and_a_seeded_limit_keep_each_prompts_position():
     assert len(few.records) == 16 and few.ids == sorted(few.ids)
     assert [full.records[i].text for i in few.ids] == [r.text for r in few.records]
     assert set(select_prompts("pickscore-test", limit=8).ids) <= set(few.ids)  # a larger limit keeps the smaller
+    counting = select_prompts("pkg://drpo_geneval/data/eval_counting.jsonl")  # as recipes name packaged files
+    assert counting.total == 80 and all(r.metadata["tag"] == "counting" for r in counting.records)
 
 
 def test_protocol_noise_is_keyed_by_seed_times_a_million_plus_prompt_id():
@@ -325,3 +336,38 @@ def test_the_exported_card_loads_the_base_model_as_written(tiny_run, tmp_path):
         theirs = pipe("a red apple", num_inference_steps=1, guidance_scale=0.0, latents=noise.clone(), height=32,
                       width=32, output_type="pt").images
     torch.testing.assert_close(ours, theirs, atol=1e-4, rtol=0)
+
+
+def test_offline_every_missing_model_is_named_at_once(tmp_path, monkeypatch):
+    """The generator and the paper's four rankers in one line, before anything loads (not one per attempt)."""
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "empty-cache"))
+    result = CliRunner().invoke(app, ["eval", "--generator", "sd-turbo", "--limit", "2", "--device", "cpu"])
+    assert result.exit_code == 2
+    line = result.output.strip()
+    assert "\n" not in line and line.startswith("Error: models not in the local Hugging Face cache")
+    for where in ("generator.model stabilityai/sd-turbo", "rankers.pickscore.model yuvalkirstain/PickScore_v1",
+                  "rankers.pickscore.processor laion/CLIP-ViT-H-14", "rankers.clip.model openai/clip-vit-large",
+                  "rankers.aesthetic.model openai/clip-vit-large", "rankers.hpsv2.tokenizer laion/CLIP-ViT-H-14"):
+        assert where in line
+    assert line.index("generator.model") < line.index("rankers.pickscore")
+
+
+def test_a_log_file_gets_whole_rows_whatever_its_width():
+    import io
+
+    from rich.console import Console
+
+    from drpo_core.report import print_report
+
+    records = [PromptRecord("a red apple"), PromptRecord("a red car"), PromptRecord("a blue car")]
+    name = "a-ranker-with-a-rather-long-name:and-its-variant"
+    report = build_report(prompts={"set": "x", "count": 3}, seeds=[42, 43], sides={"base": "b", "finetuned": "f"},
+                          device="cpu", records=records, rankers=[EvalRanker(name, GroupedBrightness(), Units(100))],
+                          scores={"base": {name: BASE}, "finetuned": {name: FINETUNED}})
+    log = io.StringIO()
+    print_report(report, Console(file=log, width=40))  # not a terminal: a file
+    rows = [line for line in log.getvalue().splitlines() if line.startswith("│")]
+    assert rows[0].startswith(f"│ {name} │ x100 ") and rows[0].endswith("│ [-10.1, +277]    │")  # whole
+    assert len(rows) == 3  # one line per ranker and group: nothing wrapped

@@ -201,6 +201,8 @@ def test_offline_the_ranker_names_every_missing_model_in_one_line(tmp_path, monk
             in message)
     with pytest.raises(PluginError, match=r"\(hf download facebook/mask2former-swin-small-coco-instance\)"):
         build_ranker(GenevalOptions(), BuildContext(variant="counting"))  # counting prompts need no CLIP
+    with pytest.raises(PluginError, match="^ranker 'geneval-soft': models not in the local"):
+        build_ranker(GenevalOptions(), BuildContext(variant="counting"), soft=True)
 
 
 # ------------------------------------------------------------------------------------------- prompts
@@ -219,6 +221,13 @@ def test_training_prompts_never_repeat_an_evaluation_prompt():
         assert all(r["tag"] == tag and list(r)[0] == "tag" and list(r)[-1] == "prompt" for r in rows)
     assert len(training_rows("counting", 10_000, 0, evaluation)) == 3 * 80 - 80  # counts 2-4, minus GenEval's 80
     assert len(training_rows("single_object", 10_000, 0, evaluation)) == 4 * 80  # other wordings only
+
+
+def test_the_same_clauses_in_another_order_are_the_same_content():
+    bird, scissors = {"class": "bird", "count": 1}, {"class": "scissors", "count": 1}
+    assert content({"include": [bird, scissors]}) == content({"include": [scissors, bird]})  # two objects
+    left_of = {**scissors, "position": ["left of", 0]}
+    assert content({"include": [bird, left_of]}) != content({"include": [left_of, bird]})  # index 0 is the bird
 
 
 def test_training_prompts_follow_genevals_grammar_and_seed():
@@ -257,6 +266,8 @@ def test_prompts_command_writes_refuses_to_overwrite_and_names_bad_tags(tmp_path
     assert again.exit_code == 2 and "exists" in again.output and read_rows(out) == rows
     bad = CliRunner().invoke(app, ["geneval", "prompts", str(tmp_path / "x.jsonl"), "--tag", "count"])
     assert bad.exit_code == 2 and "unknown task 'count'" in bad.output
+    absent = CliRunner().invoke(app, ["geneval", "prompts", str(tmp_path / "y.jsonl"), "--avoid", str(tmp_path / "no")])
+    assert absent.exit_code == 2 and f"Error: --avoid: prompt file not found: {tmp_path / 'no'}" in absent.output
 
 
 @pytest.mark.parametrize("ranker, key, assignment", [
@@ -292,6 +303,14 @@ def test_the_headline_resolves_to_the_binary_rollout_on_the_tasks_prompts(builti
     assert origins["prompts.path"] == "ranker geneval:counting"
     plain = resolve_config(flags={"generator": "sd-turbo", "rankers": "geneval"}, registry=builtin_registry).config
     assert plain.prompts.path.endswith("/train.jsonl") and plain.selection.candidates == 24
+
+
+def test_the_graded_ranker_recommends_the_tasks_prompts_and_not_the_binary_rollout(builtin_registry):
+    resolved = resolve_config(flags={"generator": "sd-turbo", "rankers": "geneval-soft:counting"},
+                              registry=builtin_registry)
+    recommended = {key for key, origin in resolved.origins.items() if origin.startswith("ranker ")}
+    assert recommended == {"prompts.path", "prompts.eval_path", "prompts.eval_count"}
+    assert resolved.config.prompts.path.endswith("train_counting.jsonl")
 
 
 def tiny_headline_args(tiny_dirs, tiny, run_dir):
@@ -334,6 +353,10 @@ def test_the_headline_command_trains_on_tiny_models(tmp_path, tiny_dirs, tiny):
         assert 0 <= entry[side]["mean"] <= 100 and all(0 <= g[side]["mean"] <= 100 for g in groups.values())
         overall = sum(g[side]["mean"] * g[side]["n"] for g in groups.values()) / entry[side]["n"]
         assert overall == pytest.approx(entry[side]["mean"])
+        # GenEval's Overall: the mean of the tasks' accuracies
+        assert entry["mean_of_groups"][side] == pytest.approx(sum(g[side]["mean"] for g in groups.values())
+                                                              / len(groups))
+    assert "mean of groups" in evaluated.output
 
 
 def test_the_headline_command_without_weights_fails_in_one_line_naming_them(tmp_path):

@@ -487,3 +487,12 @@ def test_resume_with_another_ema_setting_is_one_clear_error(tmp_path):
                                       registry=registry), registry=registry)
     with pytest.raises(DrpoError, match="holds 0 EMA tensors, this run keeps"):
         with_ema.train(resume="latest")
+
+
+def test_the_evaluation_log_is_strict_json_with_one_seed(tmp_path):
+    """With one seed per prompt there is no diversity: eval.jsonl says null (NaN is not JSON)."""
+    _, _ = run(tiny_config(tmp_path, train={"steps": 2}, eval={"seeds": "0", "every": 2}))
+    lines = (tmp_path / "run" / "eval.jsonl").read_text().splitlines()
+    records = [json.loads(line, parse_constant=lambda name: pytest.fail(f"{name} in eval.jsonl")) for line in lines]
+    assert len(records) == 2 and all(r["diversity"] is None and r["diversity_ratio"] is None for r in records)
+    assert all(isinstance(r["score/tiny-brightness"], float) for r in records)

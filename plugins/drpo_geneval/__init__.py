@@ -28,32 +28,35 @@ if TYPE_CHECKING:
     import typer
 
 
-def recommendations(variant: str | None) -> dict[str, Any]:
-    """The run settings of a GenEval task (all six without a variant): the binary rollout of method.md §7.4
-    (up to 4 rounds of K no-grad candidates, 8 correct and 8 wrong anchors, else the prompt is skipped), the
-    task's training prompts and all of its evaluation prompts."""
+def prompt_recommendations(variant: str | None) -> dict[str, Any]:
+    """A GenEval task's prompts (all six tasks without a variant): its generated training prompts and all of its
+    evaluation prompts."""
     suffix = f"_{variant}" if variant else ""
     return {
-        "source.kind": "online",
-        "selection.rollout_rounds": 4,
-        "selection.positives": 8,
-        "selection.negatives": 8,
         "prompts.path": f"pkg://drpo_geneval/data/train{suffix}.jsonl",
         "prompts.eval_path": f"pkg://drpo_geneval/data/eval{suffix}.jsonl",
         "prompts.eval_count": "all",
     }
 
 
+def recommendations(variant: str | None) -> dict[str, Any]:
+    """The binary ranker's run settings: the task's prompts and the binary rollout of method.md §7.4 (up to 4
+    rounds of K no-grad candidates, 8 correct and 8 wrong anchors, else the prompt is skipped)."""
+    return {"source.kind": "online", "selection.rollout_rounds": 4, "selection.positives": 8,
+            "selection.negatives": 8, **prompt_recommendations(variant)}
+
+
 @hookimpl
 def drpo_register_rankers(register: Register[Ranker]) -> None:
-    # units: the paper reports GenEval as percent correct (counting 33.8 -> 42.5); requires: both score against
+    # units: GenEval is reported in percent correct (counting 33.8 -> 42.5), its Overall the mean of the tasks'
+    # accuracies; requires: both score against
     # each prompt's GenEval clauses, so a run's prompt files must be GenEval .jsonl (checked before loading)
     register("geneval", _build, options=GenevalOptions, defaults=recommendations, variants=TAGS,
-             units=Units(100, "%"), provides=("binary",), requires=("geneval-prompts",),
+             units=Units(100, "%", mean_of_groups=True), provides=("binary",), requires=("geneval-prompts",),
              summary="GenEval correctness (0/1): Mask2Former or OWLv2 detections, CLIP colours, GenEval's rules; "
                      "variants per task (geneval:counting)")
-    register("geneval-soft", _build_soft, options=GenevalOptions, defaults=recommendations, variants=TAGS,
-             units=Units(100, "%"), requires=("geneval-prompts",),
+    register("geneval-soft", _build_soft, options=GenevalOptions, defaults=prompt_recommendations, variants=TAGS,
+             units=Units(100, "%", mean_of_groups=True), requires=("geneval-prompts",),
              summary="GenEval's share of clauses met (graded): the geneval ranker's denser signal")
 
 

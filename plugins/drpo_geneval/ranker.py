@@ -156,7 +156,7 @@ def build_ranker(options: GenevalOptions, context: Any, *, soft: bool = False) -
     needed = options.hub_models(context.variant)  # CLIP now for the tasks with colours, else on a colour clause
     missing = missing_models(needed, context.config_dir)
     if missing:
-        raise PluginError(f"ranker 'geneval': {offline_message(missing)}")
+        raise PluginError(f"ranker {'geneval-soft' if soft else 'geneval'!r}: {offline_message(missing)}")
     detector = load_detector(options, context, device, dtype)
 
     def colors() -> ColorClassifier:

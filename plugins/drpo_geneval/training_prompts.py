@@ -91,8 +91,14 @@ def random_row(tag: str, rng: np.random.Generator) -> Row:
 
 
 def content(row: Mapping[str, Any]) -> str:
-    """A row's clauses, whatever its wording: what two rows asking for the same image share."""
-    return json.dumps([row.get("include", []), row.get("exclude", [])], sort_keys=True)
+    """A row's clauses, whatever its wording and their order: what two rows asking for the same image share
+    ("a bird and a scissors" is "a scissors and a bird"). A position clause points at another clause by its
+    index, so clauses keep their order there."""
+    def canonical(clauses: Sequence[Any]) -> list[str]:
+        texts = [json.dumps(clause, sort_keys=True) for clause in clauses]
+        return texts if any("position" in clause for clause in clauses) else sorted(texts)
+
+    return json.dumps([canonical(row.get("include", [])), canonical(row.get("exclude", []))])
 
 
 def training_rows(tag: str, count: int, seed: int, avoid: Sequence[Mapping[str, Any]]) -> list[Row]:
