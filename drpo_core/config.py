@@ -628,8 +628,8 @@ def resolve_config(
     for key, value in (flags or {}).items():
         if value is None:
             continue
-        if key == "rankers":
-            value = [{"name": value}]
+        if key == "rankers":  # --ranker, repeatable: one name or several, in order
+            value = ranker_list(list(value) if isinstance(value, (list, tuple)) else value)
         elif key in COMPONENT_SECTIONS:
             # the file's options still apply to the same component, not to another one
             old = user.get(key)
@@ -670,6 +670,9 @@ def _sections(layer: dict[str, Any]) -> dict[str, Any]:
             out[key] = {"name": out[key]}
     if isinstance(out.get("rankers"), (str, dict, list)):
         out["rankers"] = ranker_list(out["rankers"])
+    evaluation = out.get("eval")
+    if isinstance(evaluation, dict) and isinstance(evaluation.get("rankers"), (str, dict, list)):
+        out["eval"] = {**evaluation, "rankers": ranker_list(evaluation["rankers"])}
     return out
 
 
@@ -829,9 +832,10 @@ def _check_feasible(resolved: ResolvedConfig) -> None:
     if sel.positives + sel.negatives > sel.candidates:
         raise ConfigError(f"selection: positives + negatives ({sel.positives} + {sel.negatives}) exceed candidates "
                           f"({sel.candidates}) ({named('selection.positives', 'selection.negatives', 'selection.candidates')})")
-    if cfg.source.kind == "online" and not cfg.prompts.path:
+    if cfg.source.kind == "online" and not cfg.prompts.path:  # source.kind named when chosen, not by default
+        keys = ["prompts.path"] + (["source.kind"] if origin.get("source.kind", "default") != "default" else [])
         raise ConfigError("prompts.path: an online run needs training prompts: set prompts.path in a recipe or "
-                          f"--set prompts.path=FILE ({named('source.kind')})")
+                          f"--set prompts.path=FILE ({named(*keys)})")
     generator, features = resolved.specs["generator"], resolved.specs["features"]
     missing = [need for need in features.requires if need not in generator.provides]
     if missing:

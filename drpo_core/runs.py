@@ -6,6 +6,7 @@ import json
 import math
 import os
 import platform
+import re
 import subprocess
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
@@ -126,11 +127,8 @@ def evaluate_target(target: Path | None, *, generator: str | None, rankers: Sequ
         return evaluate_manifest(target, build_rankers(names, ranker_options, context), device=device)
     selection, seed_list = select_prompts(prompts or DEFAULT_PROMPTS, limit), eval_seeds(seeds or PAPER_SEEDS)
     # offline: every missing model (generator and rankers) named in one line, before any loads
-    if target is not None and generator:
-        raise DrpoError(f"{target}: give a run directory or --generator, not both (the run names its generator)")
-    if target is not None and generator_lines:
-        raise ConfigError("--set generator.*: a run's generator is rebuilt as it was trained; evaluate another "
-                          "base model with --generator NAME --set generator.KEY=VALUE")
+    if target is not None:
+        check_run_alone(target, generator, generator_lines, "evaluate")
     if target is None and generator is None:
         raise DrpoError("drpo eval: give a run directory, a manifest.jsonl or --generator NAME")
     components: dict[str, tuple[Any, str]] = {}
@@ -165,17 +163,28 @@ def eval_sides(run_dir: Path | None, generator: str | None, generator_lines: lis
     return model, {"base": (_generator_label(generator, model), render(model, base=True))}
 
 
+def check_run_alone(run_dir: Path, generator: str | None, generator_lines: Sequence[str], verb: str) -> None:
+    """A run rebuilds its own generator: ``--generator`` or ``--set generator.*`` beside it is refused in one line
+    (``verb``: what the command does with another base model, "evaluate", "sample")."""
+    if generator:
+        raise DrpoError(f"{run_dir}: give a run directory or --generator, not both (the run names its generator)")
+    if generator_lines:
+        raise ConfigError(f"--set generator.*: a run's generator is rebuilt as it was trained; {verb} another "
+                          "base model with --generator NAME --set generator.KEY=VALUE")
+
+
 def _generator_label(name: str, model: Any) -> str:
     """``sd-turbo (stabilityai/sd-turbo)``: the generator and, when it says, the base model it loaded."""
     base = getattr(model, "base_model", "")
     return f"{name} ({base})" if base else name
 
 
-def check_run_weights(run_dir: Path, checkpoint: str = "latest") -> None:
+def check_run_weights(run_dir: Path, checkpoint: str = "latest",
+                      hint: str = "give a run directory, a manifest.jsonl or --generator") -> None:
     """``run_dir`` is a run with trained weights to load (``checkpoint`` of them): else one line saying what
-    it lacks. Cheap: nothing is loaded."""
+    it lacks (``hint``: what the command accepts instead). Cheap: nothing is loaded."""
     if not run_dir.is_dir():
-        raise DrpoError(f"{run_dir}: not a directory (give a run directory, a manifest.jsonl or --generator)")
+        raise DrpoError(f"{run_dir}: not a directory ({hint})")
     if not (run_dir / "config.yaml").is_file():
         raise DrpoError(f"{run_dir} holds no config.yaml: it is not a drpo run directory")
     steps = run_dir / CHECKPOINTS_DIR
@@ -185,17 +194,20 @@ def check_run_weights(run_dir: Path, checkpoint: str = "latest") -> None:
 
 
 def sample_images(generator: Any, records: Sequence[PromptRecord], seeds: Sequence[int], out_dir: Path,
-                  batch_size: int = 8, prompt_ids: Sequence[int] | None = None) -> Path:
+                  batch_size: int = 8, prompt_ids: Sequence[int] | None = None, force: bool = False) -> Path:
     """PNG files and a ``manifest.jsonl`` of ``{"prompt", "prompt_id", "seed", "file", "metadata"}`` rows.
 
     The noise of (prompt, seed) is :func:`drpo_core.noise.protocol_noise` of the prompt's position in its file,
     ``prompt_ids[i]`` (default: ``i``): the images ``drpo eval`` scores for the same prompt set and seeds.
+    A folder that holds a sample already is refused unless ``force``: then that sample (the images its manifest
+    lists, its ``scores.jsonl``) is removed first, so no stale image or score is left beside the new one.
     """
     ids = list(range(len(records))) if prompt_ids is None else list(prompt_ids)
     if len(ids) != len(records):
         raise ValueError(f"{len(ids)} prompt ids for {len(records)} prompts")
     generator.check_prompts(list(dict.fromkeys(record.text for record in records)))
-    check_out_dir(out_dir)
+    check_sample_out(out_dir, force)
+    remove_sample(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     jobs = [(i, record, seed) for i, record in zip(ids, records, strict=True) for seed in seeds]
     rows = []
@@ -275,6 +287,35 @@ def check_out_dir(out_dir: Path, flag: str = "--out") -> None:
         raise DrpoError(f"{flag} {out_dir} is a file" if existing == out_dir else f"{flag} {out_dir}: {existing} is a file")
 
 
+def check_sample_out(out_dir: Path, force: bool = False) -> None:
+    """``drpo sample --out``: a folder (or one to create) that holds no sample yet, unless ``force``."""
+    check_out_dir(out_dir)
+    if not force and (out_dir / "manifest.jsonl").exists():
+        raise DrpoError(f"--out {out_dir} already holds a sample (manifest.jsonl): choose another --out, or add "
+                        "--force to replace it (its images and scores.jsonl)")
+
+
+#: the names :func:`sample_images` gives its images; only these are removed when a sample is replaced
+_SAMPLE_IMAGE = re.compile(r"p\d{5,}-s-?\d+\.png")
+
+
+def remove_sample(out_dir: Path) -> None:
+    """Remove the sample ``out_dir`` holds: the images its manifest lists (those named as ``drpo sample``
+    names them, directly in the folder), ``scores.jsonl`` and the manifest. Anything else stays."""
+    manifest = out_dir / "manifest.jsonl"
+    if not manifest.is_file():
+        return
+    for line in manifest.read_text(errors="replace").splitlines():
+        try:
+            name = json.loads(line).get("file")
+        except (ValueError, AttributeError):
+            continue
+        if isinstance(name, str) and _SAMPLE_IMAGE.fullmatch(name):
+            (out_dir / name).unlink(missing_ok=True)
+    (out_dir / "scores.jsonl").unlink(missing_ok=True)
+    manifest.unlink()
+
+
 #: settings ``--resume`` may change: a finished run continues for more steps
 RESUME_EXTENSIONS = ("train.steps",)
 
@@ -285,11 +326,21 @@ def run_in(run_dir: Path) -> str | None:
     return ", ".join(found) or None
 
 
+def finished_a_step(run_dir: Path) -> bool:
+    """Whether the run in ``run_dir`` logged a step (a line in ``metrics.jsonl``)."""
+    metrics = run_dir / "metrics.jsonl"
+    return metrics.is_file() and metrics.stat().st_size > 0
+
+
 def check_new_run_dir(run_dir: Path) -> None:
-    """A fresh run must not write into another run's folder: refuse before writing anything."""
+    """A fresh run must not write into another run's folder: refuse before writing anything. (A run that
+    fails before it finishes a step removes its files: ``Trainer.train``.)"""
     if run_dir.exists() and not run_dir.is_dir():
         raise DrpoError(f"output directory {run_dir} is a file")
     held = run_in(run_dir) if run_dir.is_dir() else None
+    if held and "checkpoints" not in held:  # stopped before its first checkpoint: nothing to resume
+        raise DrpoError(f"{run_dir} already holds a run that wrote no checkpoint ({held}): there is nothing to "
+                        "resume; if it is not running any more, delete those files, or choose another --output-dir")
     if held:
         raise DrpoError(f"{run_dir} already holds a run ({held}): continue it with `drpo train --resume latest "
                         f"--output-dir {run_dir}` (add --set train.steps=N to run longer), or choose another --output-dir")

@@ -21,6 +21,7 @@ Library use::
 from __future__ import annotations
 
 import math
+import shutil
 from collections import Counter, deque
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -50,7 +51,7 @@ from drpo_core.preflight import check_run
 from drpo_core.prompts import PromptRecord, PromptStream
 from drpo_core.ranking import rank_candidates
 from drpo_core.registry import Registry, get_registry
-from drpo_core.runs import check_new_run_dir, finish_run_info, write_run_info
+from drpo_core.runs import check_new_run_dir, finish_run_info, finished_a_step, write_run_info
 from drpo_core.sources import (
     DataSampler,
     DataSource,
@@ -391,9 +392,39 @@ class Trainer:
     # -- the run -----------------------------------------------------------------------------
 
     def train(self, resume: str | None = None) -> dict[str, Any]:
+        """Run (or with ``resume``, continue) the training. A new run that fails before it finishes a step
+        removes the files it wrote, so the same ``--output-dir`` takes the next try; what was there stays."""
+        if resume:
+            return self._train(resume)
+        check_new_run_dir(self.run_dir)
+        before = set(self.run_dir.iterdir()) if self.run_dir.is_dir() else None
+        try:
+            return self._train(None)
+        except BaseException:
+            self._remove_unfinished_start(before)
+            raise
+
+    def _remove_unfinished_start(self, before: set[Path] | None) -> None:
+        """Remove what a new run wrote (``before``: what its folder held, None: no folder), unless it finished a
+        step: then its metrics.jsonl says what happened (why prompts failed) and a checkpoint may resume it."""
+        if not self.accelerator.is_main_process or not self.run_dir.is_dir():
+            return
+        if (self.run_dir / ckpt.CHECKPOINTS_DIR).exists() or finished_a_step(self.run_dir):
+            return
+        written = sorted(set(self.run_dir.iterdir()) - (before or set()))
+        for path in written:
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                path.unlink(missing_ok=True)
+        if before is None and not any(self.run_dir.iterdir()):
+            self.run_dir.rmdir()
+        if written:
+            self.console.print(f"removed the files this run wrote in {self.run_dir} (it failed before finishing a "
+                               "step)", highlight=False)
+
+    def _train(self, resume: str | None) -> dict[str, Any]:
         cfg = self.cfg
-        if not resume:
-            check_new_run_dir(self.run_dir)
         try:
             self.run_dir.mkdir(parents=True, exist_ok=True)
         except OSError as error:

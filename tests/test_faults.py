@@ -441,3 +441,45 @@ def _ended(pids: list[int], within: float) -> bool:
             return False
         time.sleep(0.05)
     return True
+
+
+# -- a run that fails before it finishes a step leaves the folder as it found it ---------------------------
+
+
+@pytest.mark.parametrize("kept", [False, True])
+def test_a_run_failing_before_its_first_step_removes_its_files_and_the_next_try_starts(tmp_path, flaky, kept):
+    flaky.FAIL = {EVAL_CALLS["before"]}
+    run = tmp_path / "run"
+    if kept:  # a folder the user had: what was in it stays
+        run.mkdir(parents=True)
+        (run / "notes.txt").write_text("mine\n")
+    out = io.StringIO()
+    config = tiny_config(tmp_path, rankers=["flaky"], train={"steps": 2})
+    with pytest.raises(DrpoError, match="^the evaluation before training failed"):
+        _trainer(config, _FlakyPlugin(), console=Console(file=out, width=300)).train()
+    assert out.getvalue().splitlines()[-1] == (f"removed the files this run wrote in {run} (it failed before "
+                                                "finishing a step)")
+    if kept:
+        assert sorted(p.name for p in run.iterdir()) == ["notes.txt"] and (run / "notes.txt").read_text() == "mine\n"
+    else:
+        assert not run.exists()
+    summary = _trainer(config, _FlakyPlugin()).train()  # the same --output-dir takes the next try
+    assert summary["step"] == 2 and _latest(run) == "step-000002"
+    assert [json.loads(line)["step"] for line in (run / "eval.jsonl").read_text().splitlines()] == [0, 2]
+
+
+def test_a_run_stopped_after_steps_but_before_a_checkpoint_keeps_its_log_and_is_not_offered_for_resume(tmp_path):
+    config = tiny_config(tmp_path, rankers=[{"name": "tiny-broken", "mode": "raise"}], prompts={"eval_count": 0},
+                         checkpoint={"every": 100})
+    with pytest.raises(ComponentError) as stopped:
+        _trainer(config).train()
+    assert str(stopped.value).startswith("12 prompts failed in the last 6 steps (limit train.max_failures=10)")
+    assert "no checkpoint was written yet" in str(stopped.value)
+    run = tmp_path / "run"
+    assert [m["skip_failure"] for m in read_metrics(run / "metrics.jsonl")] == [2] * 5  # why it stopped, kept (the 6th step crossed the limit)
+    with pytest.raises(DrpoError) as refused:
+        _trainer(config).train()
+    assert str(refused.value) == (
+        f"{run} already holds a run that wrote no checkpoint (config.yaml, run.json, metrics.jsonl): there is "
+        "nothing to resume; if it is not running any more, delete those files, or choose another --output-dir")
+    assert len(read_metrics(run / "metrics.jsonl")) == 5

@@ -15,7 +15,20 @@ from typer.core import TyperGroup
 
 from drpo_core.errors import DrpoError, RunAborted
 
-console = Console()
+#: the width of a line written to a file or a pipe: wide enough that no table cell or message is cut
+LOG_WIDTH = 10_000
+
+
+def uncut_console(stderr: bool = False) -> Console:
+    """A console that never cuts or wraps a line when not writing to a terminal (a log file, a pipe, where rich
+    would assume 80 columns and cut table cells with "…"); on a terminal, or with COLUMNS set, its width."""
+    made = Console(stderr=stderr)
+    if not made.is_terminal and not os.environ.get("COLUMNS"):
+        made.width = LOG_WIDTH
+    return made
+
+
+console = uncut_console()
 DEFAULT_RECIPE = Path(__file__).with_name("default.yaml")
 
 
@@ -62,7 +75,8 @@ def _root(ctx: typer.Context,
 ConfigOpt = Annotated[Path | None, typer.Option("--config", "-c", help="YAML recipe (default: the toy world).")]
 GeneratorOpt = Annotated[str | None, typer.Option(
     "--generator", help="Generator NAME[:VARIANT] (e.g. sd-turbo:paper, the paper's official switches).")]
-RankerOpt = Annotated[str | None, typer.Option("--ranker", help="Ranker NAME[:VARIANT].")]
+RankerOpt = Annotated[list[str] | None, typer.Option(
+    "--ranker", help="Ranker NAME[:VARIANT], repeatable: several are combined, in order (rankers.0, rankers.1, ...).")]
 FeaturesOpt = Annotated[str | None, typer.Option("--features", help="Feature space name.")]
 KernelOpt = Annotated[str | None, typer.Option("--kernel", help="Kernel name.")]
 SetOpt = Annotated[list[str] | None, typer.Option("--set", help="dotted.key=value, repeatable; wins over all.")]
@@ -159,12 +173,30 @@ def config_validate(file: Annotated[Path | None, typer.Argument(help="YAML recip
     recipe = file if file is not None else config
     resolved = _resolve(recipe, generator, ranker, features, kernel, assignments, output_dir)
     check_run(resolved, new_run=False)
-    typer.echo(f"{recipe if recipe is not None else 'the embedded default recipe'}: valid")
+    flags = {"generator": generator, "rankers": ranker, "features": features, "kernel": kernel,
+             "output_dir": output_dir}
+    typer.echo(f"{_validated(recipe, flags, assignments or [])}: valid")
     run_dir = Path(resolved.config.output_dir)
     held = run_in(run_dir) if run_dir.is_dir() else None
-    if held:  # the recipe is fine; the folder is taken (a saved run's own config.yaml validates too)
+    if held and "checkpoints" not in held:  # nothing to resume there either
+        typer.echo(f"note: {run_dir} already holds a run that wrote no checkpoint ({held}): `drpo train` would not "
+                   "start a new run there; if it is not running any more, delete those files, or give another "
+                   "--output-dir")
+    elif held:  # the recipe is fine; the folder is taken (a saved run's own config.yaml validates too)
         typer.echo(f"note: {run_dir} already holds a run ({held}): `drpo train` would not start a new run there; "
                    f"continue it with --resume latest --output-dir {run_dir}, or give another --output-dir")
+
+
+def _validated(recipe: Path | None, flags: dict[str, Any], assignments: list[str]) -> str:
+    """What `config validate` checked: the recipe, the embedded default or the run the flags name, with flags."""
+    from drpo_core.config import names_a_component
+
+    with_flags = " with the flags" if assignments or any(flags.values()) else ""
+    if recipe is not None:
+        return f"{recipe}{with_flags}"
+    if names_a_component(flags, assignments):
+        return "the run given by the flags"
+    return f"the embedded default recipe{with_flags}"
 
 
 DeviceOpt = Annotated[str, typer.Option(help="auto (cuda if torch sees a GPU, else mps, else cpu), cpu, cuda, cuda:N, mps.")]
@@ -178,25 +210,50 @@ def sample(prompts: Annotated[str, typer.Option("--prompts", help="pickscore-tes
                                                                   "(.txt, .jsonl, .tsv).")],
            out: Annotated[Path, typer.Option("--out", help="Folder for the images and manifest.jsonl.")],
            run: Annotated[Path | None, typer.Option("--run", help="A run directory (its latest weights).")] = None,
-           generator: GeneratorOpt = None, assignments: SetOpt = None, seeds: SeedsOpt = "42-46",
-           limit: LimitOpt = None, device: DeviceOpt = "auto", batch_size: BatchOpt = 8):
+           generator: Annotated[str | None, typer.Option(
+               "--generator", help="Sample a base generator NAME[:VARIANT], untrained (options: --set "
+                                   "generator.KEY=V); with neither --run nor --generator, the embedded default's.")
+           ] = None,
+           assignments: Annotated[list[str] | None, typer.Option(
+               "--set", help="generator.KEY=VALUE (with --generator), repeatable.")] = None,
+           seeds: SeedsOpt = "42-46", limit: LimitOpt = None, device: DeviceOpt = "auto", batch_size: BatchOpt = 8,
+           force: Annotated[bool, typer.Option(
+               "--force", help="Replace the sample --out holds (its images, manifest and scores).")] = False):
     """Generate images for prompts x seeds (the noise `drpo eval` draws), with a manifest `drpo eval` reads."""
     from drpo_core.config import read_yaml
     from drpo_core.preflight import resolve_device
     from drpo_core.report import check_batch_size, eval_seeds, select_prompts
-    from drpo_core.runs import base_generator, check_out_dir, check_run_weights, load_generator, sample_images
+    from drpo_core.runs import (
+        base_generator,
+        check_run_alone,
+        check_run_weights,
+        check_sample_out,
+        load_generator,
+        sample_images,
+    )
 
     device = resolve_device(device)  # the cheap checks first: nothing loads for a bad input
     check_batch_size(batch_size)
-    check_out_dir(out)
+    check_sample_out(out, force)
     selection = select_prompts(prompts, limit)
     seed_list = eval_seeds(seeds)
     if run is None:  # the base generator alone: the embedded default's unless --generator names one
-        model = base_generator(generator or read_yaml(DEFAULT_RECIPE)["generator"], assignments or [], device)
+        if generator is None:
+            generator = read_yaml(DEFAULT_RECIPE)["generator"]
+            typer.echo(f"no --run or --generator: sampling the embedded default's generator {generator!r}, "
+                       "untrained")
+        model = base_generator(generator, assignments or [], device)
     else:
-        check_run_weights(run)
+        from drpo_core.config import parse_assignment
+
+        others = [key for key, _ in map(parse_assignment, assignments or []) if not key.startswith("generator.")]
+        if others:
+            raise DrpoError(f"--set {others[0]}: does not apply to `drpo sample` (only generator.KEY=VALUE, with "
+                            "--generator)")
+        check_run_alone(run, generator, assignments or [], "sample")
+        check_run_weights(run, hint="give a run directory, or --generator NAME for a base generator")
         _, model = load_generator(run, device=device)
-    manifest = sample_images(model, selection.records, seed_list, out, batch_size, selection.ids)
+    manifest = sample_images(model, selection.records, seed_list, out, batch_size, selection.ids, force=force)
     typer.echo(f"wrote {manifest}: {len(selection.records) * len(seed_list)} images ({len(selection.records)} "
                f"prompts x {len(seed_list)} seeds) on {device}")
 
@@ -231,8 +288,9 @@ def evaluate(target: Annotated[Path | None, typer.Argument(
     from drpo_core.runs import evaluate_target
 
     device = resolve_device(device)  # the cheap checks first: nothing loads for a bad input
+    errors = uncut_console(stderr=True)  # a bar only on a terminal: to a log it is a stray blank line
     with Progress("{task.description}", BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-                  console=Console(stderr=True), transient=True) as bar:
+                  console=errors, transient=True, disable=not errors.is_terminal) as bar:
 
         def progress(total: int):
             task = bar.add_task("(prompt, seed) pairs", total=total)
