@@ -6,6 +6,9 @@ below and the ``isolated_registry`` fixture, which extends ``drpo_core.testing``
 """
 
 import os
+import shutil
+import sys
+from pathlib import Path
 
 import pytest
 
@@ -15,6 +18,8 @@ os.environ["TRANSFORMERS_OFFLINE"] = "1"
 os.environ.setdefault("DRPO_LOAD_PLUGINS", "")  # built-ins only, unless a test says otherwise
 
 pytest_plugins = ["drpo_core.testing"]
+#: the ``drpo`` console script of the environment running the tests, for tests that run it as a user would
+DRPO = shutil.which("drpo", path=str(Path(sys.executable).parent))
 # input for the type checker only (tests/test_typecheck.py), never imported
 collect_ignore_glob = ["typecheck/*"]
 

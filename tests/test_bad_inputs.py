@@ -22,6 +22,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.conftest import DRPO
+
 TINY = """\
 generator: tiny
 rankers: tiny-brightness
@@ -504,7 +506,7 @@ def test_every_class_runs_through_the_console_script():
 
 @pytest.mark.parametrize("case", SCRIPT_CASES, ids=[case.id for case in SCRIPT_CASES])
 def test_through_the_console_script(case, tmp_path, runs):
-    drpo = shutil.which("drpo", path=str(Path(sys.executable).parent))
+    drpo = DRPO
     assert drpo, "the drpo console script is not installed next to this Python"
     prepare(case, tmp_path, runs)
     before = snapshot(tmp_path)
@@ -520,7 +522,7 @@ def test_through_the_console_script(case, tmp_path, runs):
 def test_a_refused_run_leaves_the_existing_run_byte_identical(tmp_path):
     """The data-loss case through the console script: an existing run's files stay as they were, whether
     the new run's config is valid or not."""
-    drpo = shutil.which("drpo", path=str(Path(sys.executable).parent))
+    drpo = DRPO
     env = {**os.environ, "DRPO_LOAD_PLUGINS": "", "HF_HUB_OFFLINE": "1", "CUDA_VISIBLE_DEVICES": ""}
     for name, text in FAKE_RUN.items():
         (tmp_path / name).parent.mkdir(exist_ok=True)

@@ -1,9 +1,7 @@
 """The ``drpo`` command line: list-plugins, config show/validate, train --dry-run, one-line errors."""
 
 import json
-import shutil
 import subprocess
-import sys
 import textwrap
 import types
 from pathlib import Path
@@ -17,6 +15,7 @@ import drpo_cli.main as cli_main
 from drpo_cli.main import app
 from drpo_core import hookimpl
 from drpo_core.errors import ConfigError
+from tests.conftest import DRPO
 
 RECIPE = """\
 seed: 3
@@ -185,7 +184,7 @@ def test_train_writes_its_resolved_config_beside_its_outputs(runner, isolated_re
 
 
 def test_console_script_errors_are_one_line_with_exit_code_2(tmp_path):
-    drpo = shutil.which("drpo", path=str(Path(sys.executable).parent))
+    drpo = DRPO
     assert drpo, "the drpo console script is not installed next to this Python"
     bad = tmp_path / "bad.yaml"
     bad.write_text(textwrap.dedent("""\

@@ -4,9 +4,7 @@ before them."""
 
 import os
 import re
-import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -16,8 +14,8 @@ from typer.testing import CliRunner
 
 import drpo_cli.main as cli_main
 from drpo_cli.main import app
+from tests.conftest import DRPO
 
-DRPO = shutil.which("drpo", path=str(Path(sys.executable).parent))
 REPO = Path(__file__).resolve().parent.parent
 FLAGS = ["--generator", "tiny", "--features", "tiny-pixels", "--set", "prompts.path=prompts.txt", "--set",
          "prompts.eval_count=1"]

@@ -6,9 +6,7 @@ say how to give the timeout when it is missing."""
 from __future__ import annotations
 
 import json
-import shutil
 import socket
-import sys
 from pathlib import Path
 
 import pytest
@@ -20,9 +18,9 @@ from drpo_cli.main import app
 from drpo_core.context import BuildContext
 from drpo_core.report import build_rankers, check_rankers
 from drpo_core.worker import WorkerRanker
+from tests.conftest import DRPO
 from tests.remote_servers import Server, free_port
 
-DRPO = shutil.which("drpo", path=str(Path(sys.executable).parent))
 RECIPE = """\
 generator: tiny
 features: tiny-pixels

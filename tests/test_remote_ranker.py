@@ -2,10 +2,6 @@
 
 from __future__ import annotations
 
-import shutil
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 
@@ -18,12 +14,10 @@ from drpo_core.context import BuildContext
 from drpo_core.errors import ConfigError
 from drpo_remote.client import RemoteOptions, RemoteRanker
 from drpo_remote.wire import quantise
-from tests.conftest import make_registry
+from tests.conftest import DRPO, make_registry
 from tests.remote_servers import Server, free_port
 
 from .test_trainer import tiny_config
-
-DRPO = shutil.which("drpo", path=str(Path(sys.executable).parent))
 
 
 def test_a_remote_ranker_is_named_by_its_url_and_a_bad_url_is_one_line(tmp_path):

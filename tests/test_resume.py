@@ -5,7 +5,6 @@ import os
 import shutil
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -15,8 +14,7 @@ from safetensors.torch import load_file
 
 from drpo_core.metrics import read_metrics
 from drpo_mae.testing import write_tiny_checkpoint
-
-DRPO = shutil.which("drpo", path=str(Path(sys.executable).parent))
+from tests.conftest import DRPO
 
 
 def drpo(*args: str, cwd: Path, wait: bool = True):
