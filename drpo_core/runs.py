@@ -126,18 +126,17 @@ def evaluate_target(target: Path | None, *, generator: str | None, rankers: Sequ
         read_manifest(target)
         return evaluate_manifest(target, build_rankers(names, ranker_options, context), device=device)
     selection, seed_list = select_prompts(prompts or DEFAULT_PROMPTS, limit), eval_seeds(seeds or PAPER_SEEDS)
-    # offline: every missing model (generator and rankers) named in one line, before any loads
+    components: dict[str, tuple[Any, str]] = {}  # their options, for the offline check below
     if target is not None:
         check_run_alone(target, generator, generator_lines, "evaluate")
-    if target is None and generator is None:
-        raise DrpoError("drpo eval: give a run directory, a manifest.jsonl or --generator NAME")
-    components: dict[str, tuple[Any, str]] = {}
-    if target is not None:
         check_run_weights(target, checkpoint)
         run_config = checkpoint_config(resolve_checkpoint(target, checkpoint))
         components["generator"] = (run_config.options["generator"], run_config.config.generator.name)
     elif generator is not None:
         components["generator"] = (generator_options(generator, generator_lines), generator)
+    else:
+        raise DrpoError("drpo eval: give a run directory, a manifest.jsonl or --generator NAME")
+    # offline: every missing model (generator and rankers) named in one line, before any loads
     components.update({f"rankers.{name}": (checked.options, name)
                        for name, checked in zip(names, ranker_options, strict=True)})
     check_models_offline(components, Path.cwd())
