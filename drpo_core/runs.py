@@ -118,28 +118,29 @@ def evaluate_target(target: Path | None, *, generator: str | None, rankers: Sequ
         if json_path.is_dir():
             raise DrpoError(f"--json {json_path} is a folder")
     context = BuildContext(device=device)
+    # their options, for the offline check: every missing model named in one line, before any loads
+    components = {f"rankers.{name}": (checked.options, name) for name, checked in zip(names, ranker_options,
+                                                                                       strict=True)}
     if target is not None and target.suffix == ".jsonl":
         given = [flag for flag, value in (("--generator", generator or generator_lines), ("--prompts", prompts),
                                           ("--limit", limit), ("--seeds", seeds)) if value]
         if given:
             raise DrpoError(f"{target}: a manifest's images are made already; {', '.join(given)} do not apply")
         read_manifest(target)
-        return evaluate_manifest(target, build_rankers(names, ranker_options, context), device=device)
+        check_models_offline(components, Path.cwd())
+        return evaluate_manifest(target, build_rankers(names, ranker_options, context), batch_size=batch_size,
+                                 device=device)
     selection, seed_list = select_prompts(prompts or DEFAULT_PROMPTS, limit), eval_seeds(seeds or PAPER_SEEDS)
-    components: dict[str, tuple[Any, str]] = {}  # their options, for the offline check below
     if target is not None:
         check_run_alone(target, generator, generator_lines, "evaluate")
         check_run_weights(target, checkpoint)
         run_config = checkpoint_config(resolve_checkpoint(target, checkpoint))
-        components["generator"] = (run_config.options["generator"], run_config.config.generator.name)
+        generator_entry = (run_config.options["generator"], run_config.config.generator.name)
     elif generator is not None:
-        components["generator"] = (generator_options(generator, generator_lines), generator)
+        generator_entry = (generator_options(generator, generator_lines), generator)
     else:
         raise DrpoError("drpo eval: give a run directory, a manifest.jsonl or --generator NAME")
-    # offline: every missing model (generator and rankers) named in one line, before any loads
-    components.update({f"rankers.{name}": (checked.options, name)
-                       for name, checked in zip(names, ranker_options, strict=True)})
-    check_models_offline(components, Path.cwd())
+    check_models_offline({"generator": generator_entry, **components}, Path.cwd())
     model, sides = eval_sides(target, generator, generator_lines, checkpoint, device)
     model.check_prompts(list(dict.fromkeys(r.text for r in selection.records)))
     built = build_rankers(names, ranker_options, context)

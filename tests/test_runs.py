@@ -17,7 +17,7 @@ def finished_run(tmp_path, isolated_registry):
     return trainer.run_dir
 
 
-def test_sample_then_eval_round_trip(tmp_path, finished_run):
+def test_sample_then_eval_round_trip(tmp_path, finished_run, monkeypatch):
     prompts = tmp_path / "eval.txt"
     prompts.write_text("\n".join(PROMPTS[:2]) + "\n")
     runner = CliRunner()
@@ -30,10 +30,16 @@ def test_sample_then_eval_round_trip(tmp_path, finished_run):
     pixels = [np.asarray(Image.open(tmp_path / d / rows[0]["file"])) for d in ("a", "b")]
     assert np.array_equal(*pixels)  # same run, prompt and seed: the same image
 
+    import drpo_core.runs
+
+    batches = []  # the images each ranker call saw: --batch-size applies to a manifest too
+    score = drpo_core.runs.checked_scores
+    monkeypatch.setattr(drpo_core.runs, "checked_scores", lambda *a, **k: batches.append(len(a[2])) or score(*a, **k))
     report = tmp_path / "report.json"
     result = runner.invoke(app, ["eval", str(tmp_path / "a" / "manifest.jsonl"), "--ranker", "tiny-brightness",
-                                 "--json", str(report)])
+                                 "--json", str(report), "--batch-size", "4"])
     assert result.exit_code == 0, result.output
+    assert batches == [4, 2]
     per_image = [np.asarray(Image.open(tmp_path / "a" / r["file"])).mean() / 255.0 for r in rows]
     found = json.loads(report.read_text())["rankers"]["tiny-brightness"]
     assert found["units"] == "raw" and found["images"]["n"] == 6
