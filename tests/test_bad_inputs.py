@@ -585,8 +585,9 @@ def test_validate_notes_a_run_in_the_output_dir_and_accepts_a_runs_own_config(tm
     assert result.exit_code == 0, result.output
     assert result.stdout.splitlines() == [
         "run/config.yaml with the flags: valid",  # --output-dir
-        "note: run already holds a run (config.yaml, run.json, metrics.jsonl, checkpoints): `drpo train` would not "
-        "start a new run there; continue it with --resume latest --output-dir run, or give another --output-dir"]
+        "note: `drpo train` would not start a new run there: run already holds a run (config.yaml, run.json, "
+        "metrics.jsonl, checkpoints): continue it with `drpo train --resume latest --output-dir run` (add --set "
+        "train.steps=N to run longer), or choose another --output-dir"]
 
 
 def markdown() -> str:

@@ -110,6 +110,6 @@ def test_validate_notes_a_run_without_a_checkpoint_without_offering_resume(runne
     assert result.exit_code == 0, result.output
     assert result.stdout.splitlines() == [
         "the run given by the flags: valid",
-        "note: run already holds a run that wrote no checkpoint (config.yaml, run.json, metrics.jsonl): `drpo train` "
-        "would not start a new run there; if it is not running any more, delete those files, or give another "
-        "--output-dir"]
+        "note: `drpo train` would not start a new run there: run already holds a run that wrote no checkpoint "
+        "(config.yaml, run.json, metrics.jsonl): there is nothing to resume; if it is not running any more, delete "
+        "those files, or choose another --output-dir"]

@@ -166,7 +166,7 @@ def config_validate(file: Annotated[Path | None, typer.Argument(help="YAML recip
     """Check a run as `drpo train` would before loading any model: syntax, types, ranges, plugin names and
     options, the device, the output directory and the prompt files (with no recipe: the embedded default)."""
     from drpo_core.preflight import check_run
-    from drpo_core.runs import run_in
+    from drpo_core.runs import check_new_run_dir
 
     if file is not None and config is not None:
         raise DrpoError("config validate: give the recipe once, as FILE or as --config")
@@ -176,15 +176,10 @@ def config_validate(file: Annotated[Path | None, typer.Argument(help="YAML recip
     flags = {"generator": generator, "rankers": ranker, "features": features, "kernel": kernel,
              "output_dir": output_dir}
     typer.echo(f"{_validated(recipe, flags, assignments or [])}: valid")
-    run_dir = Path(resolved.config.output_dir)
-    held = run_in(run_dir) if run_dir.is_dir() else None
-    if held and "checkpoints" not in held:  # nothing to resume there either
-        typer.echo(f"note: {run_dir} already holds a run that wrote no checkpoint ({held}): `drpo train` would not "
-                   "start a new run there; if it is not running any more, delete those files, or give another "
-                   "--output-dir")
-    elif held:  # the recipe is fine; the folder is taken (a saved run's own config.yaml validates too)
-        typer.echo(f"note: {run_dir} already holds a run ({held}): `drpo train` would not start a new run there; "
-                   f"continue it with --resume latest --output-dir {run_dir}, or give another --output-dir")
+    try:  # the recipe is fine; the folder may be taken (a saved run's own config.yaml validates too)
+        check_new_run_dir(Path(resolved.config.output_dir))
+    except DrpoError as taken:
+        typer.echo(f"note: `drpo train` would not start a new run there: {taken}")
 
 
 def _validated(recipe: Path | None, flags: dict[str, Any], assignments: list[str]) -> str:

@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-from typing import Literal
-
 from pydantic import Field, field_validator
 
-from drpo_core.context import LocalPath, ModelRunOptions, TorchDevice
+from drpo_core.context import LocalPath, ModelRunOptions
 
 #: the detector closest to GenEval's (Mask2Former Swin-S, COCO instance segmentation; GenEval runs mmdet's
 #: checkpoint of the same architecture, whose scores differ slightly)
@@ -35,9 +33,6 @@ class GenevalOptions(ModelRunOptions):
     background: str = Field("#999", description="colour behind an object's mask when its colour is classified "
                             "(GenEval: #999)")
     batch_size: int = Field(8, ge=1, description="images per detector forward pass (crops: 4x this per CLIP pass)")
-    dtype: Literal["auto", "fp32", "fp16", "bf16"] = Field(
-        "auto", description="the models' weights; auto: the run's mixed precision on CUDA, fp32 elsewhere")
-    device: TorchDevice | None = Field(None, description='where the models run, e.g. "cuda:1"; default: the run\'s device')
 
     @field_validator("detector")
     @classmethod

@@ -12,13 +12,16 @@ environment needs no drpo (examples/reference-ranker-server). docs/remote-ranker
 
 from __future__ import annotations
 
-import typer
+from typing import TYPE_CHECKING
 
 from drpo_core import hookimpl
 from drpo_core.context import BuildContext
 from drpo_core.hookspecs import Register
 from drpo_core.interfaces import Ranker
 from drpo_remote.options import RemoteOptions, check_url
+
+if TYPE_CHECKING:
+    import typer
 
 
 @hookimpl
