@@ -288,17 +288,6 @@ def _check_batching(batch: torch.Tensor, one_by_one: torch.Tensor, verdict: Verd
         verdict.findings.append(f"batch = one-by-one within {gap:.2g} (tolerance {tolerance:.2g})")
 
 
-def pick_device(device: str) -> str:
-    """``auto``: the first GPU torch sees, else the CPU."""
-    from drpo_core.preflight import available_devices, check_device
-
-    if device == "auto":
-        found = available_devices()
-        return found[1] if len(found) > 1 else "cpu"
-    check_device(device, "--device")
-    return device
-
-
 def run_doctor(checks: Sequence[DoctorRequest], device: str = "cpu", registry: Registry | None = None
                ) -> list[Verdict]:
     """Build and examine each ranker in turn (one at a time: a ViT-H ranker is large); a ranker that cannot be

@@ -309,13 +309,14 @@ def doctor(rankers: Annotated[list[str] | None, typer.Argument(
                "--config", "-c", help="Recipe whose rankers and eval.rankers sections give the options.")] = None,
            assignments: Annotated[list[str] | None, typer.Option(
                "--set", help="rankers.NAME.KEY=VALUE, repeatable (e.g. rankers.pickscore.model=/models/ps).")] = None,
-           device: Annotated[str, typer.Option(help="auto (the first GPU, else cpu), cpu, cuda, cuda:N.")] = "auto"):
+           device: DeviceOpt = "auto"):
     """Check rankers with your weights on four photographs, each with a matching and a mismatching caption:
     one line per ranker, exit code 0 when all pass, 1 when one fails."""
-    from drpo_core.doctor import exit_code, pick_device, requests, run_doctor
+    from drpo_core.devices import resolve_device
+    from drpo_core.doctor import exit_code, requests, run_doctor
 
     checks = requests(rankers or [], assignments or [], config)  # bad input fails here, before any model loads
-    where = pick_device(device)
+    where = resolve_device(device)
     verdicts = run_doctor(checks, device=where)
     for verdict in verdicts:
         typer.echo(verdict.line)

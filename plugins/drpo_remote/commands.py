@@ -15,14 +15,14 @@ def serve_ranker(
     port: Annotated[int, typer.Option(min=0, max=65535, help="Port to listen on.")] = 8765,
     token_env: Annotated[str | None, typer.Option(
         help="Environment variable holding a token: requests without `Authorization: Bearer TOKEN` get 401.")] = None,
-    device: Annotated[str | None, typer.Option(help="Device of the ranker (default: cuda when present, else cpu).")] = None,
+    device: Annotated[str, typer.Option(help="Device of the ranker: auto (cuda if torch sees a GPU, else mps, "
+                                             "else cpu), cpu, cuda, cuda:N, mps.")] = "auto",
     max_batch: Annotated[int, typer.Option(min=1, help="Images scored at once; larger requests go in chunks.")] = 32,
     assignments: Annotated[list[str] | None, typer.Option(
         "--set", help="A ranker option, key=value (as rankers.N.key in a recipe), repeatable.")] = None,
 ) -> None:
     """Serve a registered ranker over HTTP (for --ranker remote:http://HOST:PORT)."""
-    import torch
-
+    from drpo_core.config import parse_assignment
     from drpo_core.context import BuildContext
     from drpo_core.errors import ConfigError
     from drpo_core.preflight import check_device, resolve_device
@@ -37,8 +37,8 @@ def serve_ranker(
     elif not _loopback(host):
         typer.echo(f"warning: serving on {host} without a token (--token-env): anyone who reaches it can use it",
                    err=True)
-    options = dict(_parse_option(text) for text in assignments or [])
-    device = resolve_device(device, "--device") if device else "cuda" if torch.cuda.is_available() else "cpu"
+    options = dict(parse_assignment(text) for text in assignments or [])
+    device = resolve_device(device, "--device")
     registry = get_registry()
     checked = registry.validate_options("ranker", ranker, options, "ranker")
     if isinstance(getattr(checked, "device", None), str):  # the ranker's own device option: --set device=cuda:1
@@ -49,12 +49,6 @@ def serve_ranker(
     app = make_app(built, name=name, variant=variant, token=token, max_batch=max_batch, device=device)
     typer.echo(f"serving ranker {ranker!r} on http://{host}:{sock.getsockname()[1]} ({device})")
     serve(app, sock)
-
-
-def _parse_option(text: str) -> tuple[str, object]:
-    from drpo_core.config import parse_assignment
-
-    return parse_assignment(text)
 
 
 def _loopback(host: str) -> bool:
