@@ -3,20 +3,52 @@
 :class:`ModelRanker`'s ``score`` checks its inputs, gives NaN to images whose pixels are not finite (their
 prompt is skipped, not the batch), scores the rest ``batch_size`` at a time under no grad in the ranker's own
 dtype (the caller's autocast does not apply), and checks the count and finiteness of what comes back, with
-errors naming the ranker. Subclasses implement :meth:`ModelRanker.score_chunk`. Imported by a plugin's
-factory, not at registration (it imports torch).
+errors naming the ranker. Subclasses implement :meth:`ModelRanker.score_chunk`. Also what their factories
+share: the device and dtype an option picks, images as 8-bit pictures. Imported by a plugin's factory, not at
+registration (it imports torch).
 """
 
 from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator, Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
+from drpo_core.context import BuildContext
 from drpo_core.errors import ComponentError
 from drpo_core.interfaces import Ranker
+
+if TYPE_CHECKING:
+    from PIL import Image
+
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def pick_device(choice: str | None, context: BuildContext) -> torch.device:
+    """A ranker's ``device`` option, else the run's device."""
+    return torch.device(choice or context.device)
+
+
+def pick_dtype(choice: str, device: torch.device, context: BuildContext,
+               cuda_auto: torch.dtype | None = None) -> torch.dtype:
+    """A ranker's ``dtype`` option; ``auto``: ``cuda_auto`` (else the run's mixed precision) on CUDA, float32
+    elsewhere."""
+    if choice != "auto":
+        return DTYPES[choice]
+    if device.type == "cuda":
+        return cuda_auto or DTYPES.get(context.mixed_precision, torch.float32)
+    return torch.float32
+
+
+def to_pictures(images: torch.Tensor) -> list[Image.Image]:
+    """Images in [0, 1] as 8-bit RGB pictures, rounded as diffusers' ``numpy_to_pil`` does."""
+    from PIL import Image
+
+    # rounded on the images' device; only the 8-bit values travel to the CPU
+    array = images.detach().float().clamp(0, 1).mul(255).round_().to(torch.uint8).permute(0, 2, 3, 1).contiguous()
+    return [Image.fromarray(a) for a in array.cpu().numpy()]
 
 
 class ModelRanker(Ranker):

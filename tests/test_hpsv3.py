@@ -20,7 +20,8 @@ from safetensors.torch import load_file, save_file
 import drpo_hpsv3
 from drpo_core.context import BuildContext
 from drpo_core.errors import AssetError, ComponentError, ConfigError, PluginError
-from drpo_hpsv3.processing import ImagePatching, smart_resize, to_pictures
+from drpo_core.model_rankers import to_pictures
+from drpo_hpsv3.processing import ImagePatching, smart_resize
 from tests.conftest import make_registry
 
 DATA = Path(__file__).parent / "data" / "hpsv3"
@@ -215,10 +216,11 @@ def test_dtypes_devices_and_paper_units(registry, ranker):
     assert scores.dtype == torch.float32 and scores.isfinite().all()
     options = registry.validate_options("ranker", "hpsv3", {"device": "cuda:1"}, "r")
     assert options.device == "cuda:1" and options.dtype == "auto"
-    from drpo_hpsv3.loading import pick_dtype
+    from drpo_hpsv3.loading import backbone_dtype
 
-    assert pick_dtype("auto", torch.device("cuda:1")) == torch.bfloat16
-    assert pick_dtype("auto", torch.device("cpu")) == torch.float32
+    fp32_run = BuildContext(mixed_precision="no")
+    assert backbone_dtype("auto", torch.device("cuda:1"), fp32_run) == torch.bfloat16
+    assert backbone_dtype("auto", torch.device("cpu"), fp32_run) == torch.float32
 
 
 def test_bf16_scores_near_upstreams_bf16_model(registry):

@@ -287,5 +287,6 @@ def test_drpo_eval_without_the_weights_offline_is_one_line_exit_2(monkeypatch, t
     result = CliRunner().invoke(cli_main.app, ["eval", str(tmp_path / "m.jsonl"), "--ranker", "imagereward"])
     assert result.exit_code == 2 and "Traceback" not in result.output
     lines = [line for line in result.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1 and "ranker 'imagereward'" in lines[0] and "hf download THUDM/ImageReward" in lines[0]
+    assert len(lines) == 1 and "rankers.imagereward.model THUDM/ImageReward" in lines[0]  # named before loading
+    assert "hf download THUDM/ImageReward" in lines[0]
     assert not (tmp_path / "scores.jsonl").exists()

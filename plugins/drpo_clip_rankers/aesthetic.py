@@ -20,17 +20,10 @@ import torch
 import torch.nn.functional as F
 from transformers import AutoConfig, CLIPImageProcessorPil, CLIPModel, CLIPVisionModelWithProjection
 
-from drpo_clip_rankers.common import (
-    ClipFamilyRanker,
-    Preprocessing,
-    ProcessorImages,
-    freeze,
-    load_pretrained,
-    pick_device,
-    pick_dtype,
-)
+from drpo_clip_rankers.common import ClipFamilyRanker, Preprocessing, ProcessorImages, freeze, load_pretrained
 from drpo_core import assets
 from drpo_core.errors import PluginError
+from drpo_core.model_rankers import pick_device, pick_dtype
 from drpo_image_rankers import LAION_AESTHETIC_MLP
 
 if TYPE_CHECKING:

@@ -38,16 +38,14 @@ from drpo_clip_rankers.options import PROMPT_FREE, SCORE_RANGES
 from drpo_core.context import BuildContext
 from drpo_core.errors import ComponentError, PluginError
 from drpo_core.hub import from_hub_or_cache, resolve_model
-from drpo_core.model_rankers import ModelRanker
+from drpo_core.model_rankers import ModelRanker, to_pictures
 
 if TYPE_CHECKING:
-    from PIL import Image
     from transformers import PreTrainedTokenizerBase
 
 #: OpenAI CLIP's normalisation (open_clip's ViT-H-14 and HPSv2 use it too)
 OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 Dtype = Literal["auto", "fp32", "fp16", "bf16"]
 #: normalised text embeddings kept per ranker (a ViT-H prompt embedding is 4 KB)
 TEXT_CACHE_SIZE = 1024
@@ -56,19 +54,6 @@ _Module = TypeVar("_Module", bound=torch.nn.Module)
 
 
 # ---------------------------------------------------------------------------------------- loading
-
-
-def pick_dtype(choice: str, device: torch.device, context: BuildContext) -> torch.dtype:
-    """``auto``: the run's mixed precision on CUDA, float32 elsewhere."""
-    if choice != "auto":
-        return DTYPES[choice]
-    if device.type == "cuda":
-        return DTYPES.get(context.mixed_precision, torch.float32)
-    return torch.float32
-
-
-def pick_device(choice: str | None, context: BuildContext) -> torch.device:
-    return torch.device(choice or context.device)
 
 
 def load_pretrained(ranker: str, key: str, load: Callable[..., _Loaded], model: str, context: BuildContext,
@@ -103,15 +88,6 @@ def check_tokenizer(ranker: str, tokenizer: PreTrainedTokenizerBase, text_config
 
 
 # ----------------------------------------------------------------------------------- image paths
-
-
-def to_pictures(images: torch.Tensor) -> list[Image.Image]:
-    """Images in [0, 1] as 8-bit RGB pictures, rounded as diffusers' ``numpy_to_pil`` does."""
-    from PIL import Image
-
-    # rounded on the images' device; only the 8-bit values travel to the CPU
-    array = images.detach().float().clamp(0, 1).mul(255).round_().to(torch.uint8).permute(0, 2, 3, 1).contiguous()
-    return [Image.fromarray(a) for a in array.cpu().numpy()]
 
 
 @dataclass(frozen=True)

@@ -33,8 +33,6 @@ from drpo_clip_rankers.common import (
     Preprocessing,
     check_tokenizer,
     load_tokenizer,
-    pick_device,
-    pick_dtype,
 )
 from drpo_clip_rankers.convert import OpenClipArchitecture, to_transformers
 from drpo_clip_rankers.options import HPS_ASSETS
@@ -42,6 +40,7 @@ from drpo_clip_rankers.similarity import SimilarityRanker
 from drpo_core import assets
 from drpo_core.config import resolve_path
 from drpo_core.errors import AssetError, PluginError
+from drpo_core.model_rankers import pick_device, pick_dtype
 
 if TYPE_CHECKING:
     from drpo_clip_rankers.options import HPSv2Options

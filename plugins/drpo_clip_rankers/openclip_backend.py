@@ -14,15 +14,9 @@ from typing import TYPE_CHECKING, Any
 import torch
 import torch.nn.functional as F
 
-from drpo_clip_rankers.common import (
-    OPENAI_MEAN,
-    OPENAI_STD,
-    ClipFamilyRanker,
-    Preprocessing,
-    freeze,
-    to_pictures,
-)
+from drpo_clip_rankers.common import OPENAI_MEAN, OPENAI_STD, ClipFamilyRanker, Preprocessing, freeze
 from drpo_core.errors import PluginError
+from drpo_core.model_rankers import to_pictures
 
 if TYPE_CHECKING:
     from drpo_clip_rankers.options import HPSv2Options

@@ -18,10 +18,9 @@ from drpo_clip_rankers.common import (
     freeze,
     load_pretrained,
     load_tokenizer,
-    pick_device,
-    pick_dtype,
     pooled,
 )
+from drpo_core.model_rankers import pick_device, pick_dtype
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase

@@ -17,6 +17,7 @@ import torch
 
 from drpo_core.errors import ComponentError
 from drpo_core.interfaces import Ranker
+from drpo_core.model_rankers import to_pictures
 from drpo_geneval.rules import Detection, Verdict, evaluate, keep_confident, suppress_overlaps
 from drpo_geneval.vocabulary import COLORS, RELATIONS
 
@@ -74,8 +75,6 @@ class GenevalRanker(Ranker):
 
     def score(self, images: torch.Tensor, prompts: Sequence[str],
               metadata: Sequence[Mapping[str, Any] | None]) -> torch.Tensor:
-        from drpo_clip_rankers.common import to_pictures
-
         if not isinstance(images, torch.Tensor) or images.dim() != 4 or images.shape[1] != 3:
             raise ComponentError(f"ranker 'geneval' takes images (B, 3, H, W), got {getattr(images, 'shape', images)}")
         if not len(images) == len(prompts) == len(metadata):
@@ -145,9 +144,9 @@ class GenevalSoftRanker(GenevalRanker):
 def build_ranker(options: GenevalOptions, context: Any, *, soft: bool = False) -> GenevalRanker:
     """The detector and, for the tasks with colours (and plain ``geneval``), the colour classifier; offline,
     every model they need that is missing is named in one line before anything loads."""
-    from drpo_clip_rankers.common import pick_device, pick_dtype
     from drpo_core.errors import PluginError
     from drpo_core.hub import missing_models, offline_message
+    from drpo_core.model_rankers import pick_device, pick_dtype
     from drpo_geneval.colors import load_color_classifier
     from drpo_geneval.detectors import load_detector
 

@@ -11,6 +11,7 @@ from drpo_core import assets
 from drpo_core.config import resolve_path
 from drpo_core.errors import AssetError, PluginError
 from drpo_core.hub import from_hub_or_cache, resolve_model
+from drpo_core.model_rankers import pick_device, pick_dtype
 from drpo_hpsv3.checkpoint import load_backbone, load_head, read_checkpoint
 from drpo_hpsv3.options import HPSV3_ASSET
 from drpo_hpsv3.processing import REWARD_TOKEN, ImagePatching
@@ -22,14 +23,10 @@ if TYPE_CHECKING:
     from drpo_core.context import BuildContext
     from drpo_hpsv3.options import HPSv3Options
 
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-
-
-def pick_dtype(choice: str, device: torch.device) -> torch.dtype:
-    """``auto``: bf16 on CUDA (HPSv3's training dtype; fp32 would take 32 GB), float32 elsewhere."""
-    if choice != "auto":
-        return DTYPES[choice]
-    return torch.bfloat16 if device.type == "cuda" else torch.float32
+def backbone_dtype(choice: str, device: torch.device, context: BuildContext) -> torch.dtype:
+    """``auto``: bf16 on CUDA whatever the run's precision (HPSv3's training dtype; fp32 would take 32 GB),
+    float32 elsewhere."""
+    return pick_dtype(choice, device, context, cuda_auto=torch.bfloat16)
 
 
 def checkpoint_path(options: HPSv3Options, context: BuildContext) -> Path:
@@ -66,8 +63,8 @@ def reward_tokenizer(options: HPSv3Options, context: BuildContext) -> PreTrained
 def build(options: HPSv3Options, context: BuildContext) -> HPSv3Ranker:
     from transformers import AutoConfig
 
-    device = torch.device(options.device or context.device)
-    dtype = pick_dtype(options.dtype, device)
+    device = pick_device(options.device, context)
+    dtype = backbone_dtype(options.dtype, device, context)
     path = checkpoint_path(options, context)
     config = from_base(AutoConfig.from_pretrained, options, context)
     if getattr(config, "model_type", None) != "qwen2_vl":

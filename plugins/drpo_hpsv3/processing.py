@@ -88,14 +88,6 @@ def smart_resize(height: int, width: int, factor: int, min_pixels: int, max_pixe
     return new_height, new_width
 
 
-def to_pictures(images: torch.Tensor) -> list[Image.Image]:
-    """Images in [0, 1] as 8-bit RGB pictures, rounded as diffusers' ``numpy_to_pil`` does."""
-    from PIL import Image
-
-    array = images.detach().float().clamp(0, 1).mul(255).round_().to(torch.uint8).permute(0, 2, 3, 1).contiguous()
-    return [Image.fromarray(a) for a in array.cpu().numpy()]
-
-
 @dataclass(frozen=True)
 class ImagePatching:
     """Qwen2-VL's patching numbers (the vision tower's) and HPSv3's image area."""

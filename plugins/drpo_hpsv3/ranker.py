@@ -18,8 +18,8 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import torch
 
 from drpo_core.errors import ComponentError, PluginError
-from drpo_core.model_rankers import ModelRanker
-from drpo_hpsv3.processing import IMAGE_TOKEN, REWARD_TOKEN, ImagePatching, prompt_text, to_pictures
+from drpo_core.model_rankers import ModelRanker, to_pictures
+from drpo_hpsv3.processing import IMAGE_TOKEN, REWARD_TOKEN, ImagePatching, prompt_text
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase, Qwen2VLModel

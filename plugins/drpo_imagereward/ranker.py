@@ -15,13 +15,12 @@ from drpo_clip_rankers.common import (
     OpenClipImages,
     Preprocessing,
     freeze,
-    pick_device,
-    pick_dtype,
 )
 from drpo_core import assets
 from drpo_core.config import resolve_path
 from drpo_core.errors import PluginError
 from drpo_core.hub import from_hub_or_cache, resolve_model
+from drpo_core.model_rankers import pick_device, pick_dtype
 from drpo_imagereward import model as imagereward
 
 if TYPE_CHECKING:
