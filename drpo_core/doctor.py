@@ -294,6 +294,8 @@ def run_doctor(checks: Sequence[DoctorRequest], device: str = "cpu", registry: R
     built fails its check with the reason."""
     import gc
 
+    from drpo_core.worker import build_ranker
+
     registry = registry or get_registry()
     photos = load_photos()
     verdicts = []
@@ -306,7 +308,8 @@ def run_doctor(checks: Sequence[DoctorRequest], device: str = "cpu", registry: R
             continue
         context = BuildContext(device=device, mixed_precision=check.mixed_precision, config_dir=check.config_dir)
         try:
-            ranker = _build(registry, check, context)
+            ranker = build_ranker(registry, check.name, dict(check.options), context,
+                                  where=f"rankers.{check.name}", timeout=check.timeout)
         except Exception as error:  # missing weights, out of memory: this ranker fails, others go on
             why = first_line(error) if isinstance(error, DrpoError) else reason(error)
             verdicts.append(Verdict(check.name, False, problems=[f"cannot be built: {why}"]))
@@ -318,16 +321,6 @@ def run_doctor(checks: Sequence[DoctorRequest], device: str = "cpu", registry: R
         del ranker
         gc.collect()
     return verdicts
-
-
-def _build(registry: Registry, check: DoctorRequest, context: BuildContext) -> Any:
-    """The ranker as a run builds it: in this process, or in a worker process when its section has a timeout."""
-    from drpo_core.worker import ranker_in_worker
-
-    where = f"rankers.{check.name}"
-    if check.timeout is None:
-        return registry.build("ranker", check.name, dict(check.options), context, where)
-    return ranker_in_worker(registry, check.name, dict(check.options), context, where=where, timeout=check.timeout)
 
 
 def exit_code(verdicts: Sequence[Verdict]) -> int:

@@ -233,18 +233,15 @@ def build_rankers(references: Sequence[str], options: Sequence[Any], context: Bu
     """The rankers, built with their options as :func:`check_rankers` returned them (a :class:`CheckedRanker`
     each), with their registered units; one with a ``timeout`` runs in a worker process whose calls are ended
     when they pass it (as ``drpo train`` runs it)."""
-    from drpo_core.worker import ranker_in_worker
+    from drpo_core.worker import build_ranker
 
     registry = registry or get_registry()
     built = []
     for ref, checked in zip(references, options, strict=True):
-        where = f"rankers.{ref}"
         if not isinstance(checked, CheckedRanker):
             checked = CheckedRanker(checked)
-        if checked.timeout is None:
-            ranker = registry.build("ranker", ref, checked.options, context, where)
-        else:
-            ranker = ranker_in_worker(registry, ref, checked.options, context, where=where, timeout=checked.timeout)
+        ranker = build_ranker(registry, ref, checked.options, context, where=f"rankers.{ref}",
+                              timeout=checked.timeout)
         built.append(EvalRanker(ref, ranker, registry.get("ranker", ref).units or Units()))
     return built
 

@@ -64,7 +64,7 @@ from drpo_core.sources import (
     summarise_skips,
 )
 from drpo_core.tracking import Trackers
-from drpo_core.worker import WorkerLost, ranker_in_worker
+from drpo_core.worker import WorkerLost, build_ranker
 
 
 @dataclass
@@ -167,11 +167,8 @@ class Trainer:
     def _build_ranker(self, section: RankerConfig, where: str) -> Any:
         """A ranker in this process; with ``timeout`` set, in a worker process that is ended when a call
         passes it (drpo_core/worker.py)."""
-        options = self.resolved.options.get(where, {})
-        if section.timeout is None:
-            return self.registry.build("ranker", section.name, options, self._context, where)
-        return ranker_in_worker(self.registry, section.name, options, self._context, where=where,
-                                timeout=section.timeout)
+        return build_ranker(self.registry, section.name, self.resolved.options.get(where, {}), self._context,
+                            where=where, timeout=section.timeout)
 
     def _build_eval_rankers(self) -> list[tuple[str, Any]]:
         return [(r.name, self._build_ranker(r, f"eval.rankers.{i}")) for i, r in enumerate(self.cfg.eval.rankers)]

@@ -374,6 +374,15 @@ class WorkerRanker(Ranker):
         self.worker.close()
 
 
+def build_ranker(registry: Registry, reference: str, options: Any, context: BuildContext, *, where: str,
+                 timeout: float | None = None) -> Any:
+    """A ranker as a run builds it: in this process, or, with its section's ``timeout``, in a worker process whose
+    calls are ended when they pass it (:func:`ranker_in_worker`)."""
+    if timeout is None:
+        return registry.build("ranker", reference, options, context, where)
+    return ranker_in_worker(registry, reference, options, context, where=where, timeout=timeout)
+
+
 def ranker_in_worker(registry: Registry, reference: str, options: Any, context: BuildContext, *,
                      where: str, timeout: float) -> WorkerRanker:
     """Build the ranker ``reference`` (``name[:variant]``) in a worker process whose calls may take
