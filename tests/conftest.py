@@ -20,6 +20,17 @@ os.environ.setdefault("DRPO_LOAD_PLUGINS", "")  # built-ins only, unless a test 
 pytest_plugins = ["drpo_core.testing"]
 #: the ``drpo`` console script of the environment running the tests, for tests that run it as a user would
 DRPO = shutil.which("drpo", path=str(Path(sys.executable).parent))
+#: a one-step run of the fakes, fast enough to run through the console script; a test adds its `rankers:` line
+TINY_RUN = """\
+generator: tiny
+features: tiny-pixels
+kernel: tiny-laplacian
+selection: {candidates: 4, positives: 1, negatives: 1}
+prompts: {path: prompts.txt, eval_count: 1}
+train: {steps: 1, device: cpu}
+eval: {seeds: [0], grid_prompts: 0}
+log: {progress: false}
+"""
 # input for the type checker only (tests/test_typecheck.py), never imported
 collect_ignore_glob = ["typecheck/*"]
 

@@ -22,19 +22,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import DRPO
+from tests.conftest import DRPO, TINY_RUN
 
-TINY = """\
-generator: tiny
-rankers: tiny-brightness
-features: tiny-pixels
-kernel: tiny-laplacian
-selection: {candidates: 4, positives: 1, negatives: 1}
-prompts: {path: prompts.txt, eval_count: 1}
-train: {steps: 1, device: cpu}
-eval: {seeds: [0], grid_prompts: 0}
-log: {progress: false}
-"""
+TINY = "rankers: tiny-brightness\n" + TINY_RUN  # train: stays on line 7, which the file:line cases name
 # the toy world with the built-in plugins alone (usable from the console script), made fast
 TOY = """\
 generator: shapes

@@ -19,17 +19,8 @@ from drpo_core.context import BuildContext, ModelRunOptions
 from drpo_core.errors import ComponentError
 from drpo_core.registry import NO_CUDA
 from drpo_core.testing import BrightnessRanker
+from tests.conftest import TINY_RUN
 
-RECIPE = """\
-generator: tiny
-features: tiny-pixels
-kernel: tiny-laplacian
-selection: {candidates: 4, positives: 1, negatives: 1}
-prompts: {path: prompts.txt, eval_count: 1}
-train: {steps: 1, device: cpu}
-eval: {seeds: [0], grid_prompts: 0}
-log: {progress: false}
-"""
 NO_GPU = "is not available: torch sees no CUDA GPU on this machine (available: cpu)"
 
 
@@ -72,14 +63,14 @@ def cpu_only(isolated_registry, monkeypatch, tmp_path):
 ])
 def test_a_ranker_device_the_machine_lacks_is_one_line_and_exit_2(cpu_only, args, recipe, line):
     if recipe is not None:
-        Path("r.yaml").write_text(RECIPE + recipe + "\n")
+        Path("r.yaml").write_text(TINY_RUN + recipe + "\n")
     result = CliRunner().invoke(app, args)
     assert (result.exit_code, result.output.strip()) == (2, f"Error: {line}"), result.output
     assert not Path("run").exists()  # refused before the run directory was made
 
 
 def test_a_ranker_device_the_machine_has_is_valid(cpu_only):
-    Path("r.yaml").write_text(RECIPE + "rankers: [{name: on-device, device: cpu}]\n")
+    Path("r.yaml").write_text(TINY_RUN + "rankers: [{name: on-device, device: cpu}]\n")
     result = CliRunner().invoke(app, ["config", "validate", "r.yaml"])
     assert result.exit_code == 0, result.output
 

@@ -18,17 +18,9 @@ from drpo_cli.main import app
 from drpo_core.context import BuildContext
 from drpo_core.report import build_rankers, check_rankers
 from drpo_core.worker import WorkerRanker
-from tests.conftest import DRPO
+from tests.conftest import DRPO, TINY_RUN
 from tests.remote_servers import Server, free_port
 
-RECIPE = """\
-generator: tiny
-features: tiny-pixels
-kernel: tiny-laplacian
-selection: {candidates: 4, positives: 1, negatives: 1}
-prompts: {path: prompts.txt, eval_count: 1}
-train: {steps: 1, device: cpu}
-"""
 NEEDS = "needs a timeout (seconds one score call may take, retries included), e.g. --set"
 
 
@@ -86,7 +78,7 @@ def test_eval_scores_with_a_remote_ranker_as_with_the_same_ranker_in_process(bri
 
 def test_doctor_checks_a_remote_ranker_whose_section_has_a_timeout(brightness_server, remote_registry):
     remote = f"remote:{brightness_server.url}"
-    Path("rem.yaml").write_text(RECIPE + f"rankers: [{{name: '{remote}', timeout: 30}}]\n")
+    Path("rem.yaml").write_text(TINY_RUN + f"rankers: [{{name: '{remote}', timeout: 30}}]\n")
     passed = f"{remote}: PASS (prompt ignored as declared: the caption check does not apply; scores "
     for args in (["--config", "rem.yaml"], [remote, "--set", f"rankers.{remote}.timeout=30"]):
         result = CliRunner().invoke(app, ["doctor", *args, "--device", "cpu"])
