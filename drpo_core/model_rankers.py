@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from drpo_core.context import BuildContext
-from drpo_core.errors import ComponentError
+from drpo_core.errors import ComponentError, PluginError
 from drpo_core.interfaces import Ranker
 
 if TYPE_CHECKING:
@@ -40,6 +40,20 @@ def pick_dtype(choice: str, device: torch.device, context: BuildContext,
     if device.type == "cuda":
         return cuda_auto or DTYPES.get(context.mixed_precision, torch.float32)
     return torch.float32
+
+
+def load_exact(module: torch.nn.Module, weights: Mapping[str, torch.Tensor], what: str) -> None:
+    """Give ``module`` (built on the meta device) the checkpoint's tensors as they are, no copy: every key and
+    shape must fit, else one :class:`PluginError` line starting with ``what`` ("the HPSv3 checkpoint does not fit
+    the Qwen2-VL config") naming the first missing and unexpected keys or the shape that differs."""
+    expected = set(module.state_dict())
+    missing, extra = sorted(expected - set(weights)), sorted(set(weights) - expected)
+    if missing or extra:
+        raise PluginError(f"{what}: missing {missing[:4]}, unexpected {extra[:4]}")
+    try:
+        module.load_state_dict(weights, strict=True, assign=True)
+    except RuntimeError as error:  # a shape mismatch
+        raise PluginError(f"{what}: {' '.join(str(error).splitlines()[-1].split())}") from None
 
 
 def to_pictures(images: torch.Tensor) -> list[Image.Image]:

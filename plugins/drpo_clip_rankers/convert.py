@@ -182,21 +182,14 @@ def to_transformers(state: Mapping[str, torch.Tensor], architecture: OpenClipArc
     """
     from transformers import CLIPModel
 
+    from drpo_core.model_rankers import load_exact
+
     state = _strip(state)
     config = clip_config(state, architecture)
     weights = {key: value.to(dtype) for key, value in convert_state_dict(state).items()}
     with torch.device("meta"):
         model = CLIPModel(config)
-    expected = set(model.state_dict())
-    missing, extra = sorted(expected - set(weights)), sorted(set(weights) - expected)
-    if missing or extra:
-        raise PluginError(f"converted open_clip weights do not fit CLIPModel: missing {missing[:4]}, "
-                          f"unexpected {extra[:4]}")
-    try:
-        model.load_state_dict(weights, strict=True, assign=True)
-    except RuntimeError as error:  # a shape mismatch
-        raise PluginError(f"converted open_clip weights do not fit CLIPModel: {str(error).splitlines()[-1].strip()}"
-                          ) from None
+    load_exact(model, weights, "converted open_clip weights do not fit CLIPModel")
     for embeddings in (model.vision_model.embeddings, model.text_model.embeddings):
         positions = embeddings.position_embedding.num_embeddings
         embeddings.position_ids = torch.arange(positions).expand((1, -1))

@@ -102,6 +102,8 @@ def load_backbone(weights: dict[str, torch.Tensor], config: Qwen2VLConfig, devic
     from accelerate import init_empty_weights
     from transformers import Qwen2VLModel
 
+    from drpo_core.model_rankers import load_exact
+
     embed = weights.get("language_model.embed_tokens.weight")
     if embed is None:
         raise PluginError("the HPSv3 checkpoint has no token embedding (model.embed_tokens.weight)")
@@ -109,16 +111,7 @@ def load_backbone(weights: dict[str, torch.Tensor], config: Qwen2VLConfig, devic
     text_config.vocab_size = int(embed.shape[0])
     with init_empty_weights(include_buffers=False):
         model: Any = Qwen2VLModel._from_config(config, attn_implementation="sdpa")
-    expected = set(model.state_dict())
-    missing, extra = sorted(expected - set(weights)), sorted(set(weights) - expected)
-    if missing or extra:
-        raise PluginError(f"the HPSv3 checkpoint does not fit the Qwen2-VL config: missing {missing[:3]}, "
-                          f"unexpected {extra[:3]} (a different base model?)")
-    try:
-        model.load_state_dict(weights, strict=True, assign=True)
-    except RuntimeError as error:  # a shape mismatch
-        raise PluginError(f"the HPSv3 checkpoint does not fit the Qwen2-VL config: "
-                          f"{str(error).splitlines()[-1].strip()}") from None
+    load_exact(model, weights, "the HPSv3 checkpoint does not fit the Qwen2-VL config (a different base model?)")
     # upstream casts the whole model (rotary frequency buffers included) to its dtype: so do we
     loaded: Qwen2VLModel = model.to(device=device, dtype=dtype).eval().requires_grad_(False)
     return loaded

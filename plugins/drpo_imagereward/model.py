@@ -28,6 +28,7 @@ from torch import nn
 from transformers import BertTokenizer, BlipTextConfig, BlipTextModel, BlipVisionConfig, BlipVisionModel
 
 from drpo_core.errors import PluginError
+from drpo_core.model_rankers import load_exact
 
 #: ImageReward's score normalisation (``ImageReward.mean`` / ``.std``): scores come out roughly standard normal
 MEAN = 0.16717362830052426
@@ -194,12 +195,7 @@ def build_model(state: Mapping[str, torch.Tensor], med: Mapping[str, Any], visio
     text = text_config(med, vision.hidden_size)
     with torch.device("meta"):
         model = ImageRewardModel(vision, text, head_widths(converted))
-    try:
-        model.load_state_dict(converted, strict=True, assign=True)
-    except RuntimeError as error:
-        detail = " ".join(str(error).split())
-        raise PluginError(f"the checkpoint does not fit med_config.json and the ViT it describes: {detail[:300]}"
-                          ) from None
+    load_exact(model, converted, "the checkpoint does not fit med_config.json and the ViT it describes")
     # a buffer no checkpoint holds (transformers does not save it), still on the meta device
     model.text_encoder.embeddings.register_buffer("position_ids", torch.arange(text.max_position_embeddings)[None],
                                                   persistent=False)
